@@ -1,0 +1,134 @@
+"""KroneckerEmbed: a Flax linen drop-in for `nn.Embed` whose only parameter is W (D x F).
+
+The codec (byte rows, lengths, or the dense V x D table) is a constant of the module, never
+a variable: it stays out of the params tree, the optimizer, weight decay and checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kronjax import codec
+from kronjax.vocab import ByteVocab, encode_bytes
+
+Mode = Literal["sparse", "dense", "bytes"]
+MODES = ("sparse", "dense", "bytes")
+
+
+@functools.lru_cache(maxsize=4)
+def _dense_table(vocab: ByteVocab) -> np.ndarray:
+    """The V x D constant for mode="dense", built once per vocabulary (it can be large)."""
+    return codec.codec_table(vocab.rows, vocab.lengths)
+
+
+class ByteOverride(tuple):
+    """(rows (..., P) uint8, lengths (...,) int, mask (...,) bool) replacing some ids' bytes.
+
+    Where mask is true, that position embeds the given bytes instead of its token: a word
+    with no single token can be placed at any position (forced out-of-vocabulary).
+    """
+
+    def __new__(cls, rows: Any, lengths: Any, mask: Any) -> "ByteOverride":
+        return super().__new__(cls, (rows, lengths, mask))
+
+    @classmethod
+    def single(cls, ids_shape: tuple[int, ...], position: tuple[int, ...], word: bytes,
+               pos_dim: int) -> "ByteOverride":
+        """Override one position (a tuple index into ids) with `word`'s bytes."""
+        rows_1xP, len_1 = encode_bytes([word], pos_dim)
+        rows = np.zeros(ids_shape + (pos_dim,), np.uint8)
+        lengths = np.zeros(ids_shape, np.int32)
+        mask = np.zeros(ids_shape, bool)
+        rows[position] = rows_1xP[0]
+        lengths[position] = len_1[0]
+        mask[position] = True
+        return cls(rows, lengths, mask)
+
+
+class KroneckerEmbed(nn.Module):
+    """Embeds ids through the fixed Kronecker codec and one learned projection.
+
+    Attributes:
+      vocab: the ByteVocab giving each id's bytes (pad it to the model's vocabulary size).
+      features: d_model.
+      mode: "sparse" (closed form, default), "dense" (precomputed V x D table) or
+        "bytes" (recompute the codec from byte rows, the paper's runtime variant).
+      dtype: compute dtype of the output; param_dtype: dtype of W.
+    """
+
+    vocab: ByteVocab
+    features: int
+    mode: Mode = "sparse"
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    embedding_init: Optional[nn.initializers.Initializer] = None
+
+    def setup(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        d = self.vocab.codec_dim
+        init = self.embedding_init or nn.initializers.normal(stddev=1.0 / np.sqrt(d))
+        self.projection = self.param(
+            "projection", nn.with_logical_partitioning(init, ("codec", "embed")),
+            (d, self.features), self.param_dtype)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.vocab.vocab_size
+
+    def _rows(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        rows = jnp.asarray(self.vocab.rows)[ids]
+        lengths = jnp.asarray(self.vocab.lengths, jnp.int32)[ids]
+        return rows, lengths
+
+    def _embed_rows(self, rows_NxP: jax.Array, lengths_N: jax.Array) -> jax.Array:
+        w = jnp.asarray(self.projection)
+        if self.mode == "bytes":
+            z = codec.codec_vectors(rows_NxP, lengths_N)
+            return z @ w.astype(jnp.float32)
+        return codec.closed_form(w, rows_NxP, lengths_N)
+
+    def __call__(self, ids: jax.Array, override: Optional[ByteOverride] = None) -> jax.Array:
+        """ids (...) int -> (..., features). `override` swaps chosen positions' bytes."""
+        ids = jnp.asarray(ids)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"KroneckerEmbed takes integer ids; got {ids.dtype}")
+        flat = ids.reshape(-1)
+        if self.mode == "dense" and override is None:
+            table_VxD = jnp.asarray(_dense_table(self.vocab))
+            out = table_VxD[flat] @ jnp.asarray(self.projection).astype(jnp.float32)
+        else:
+            rows, lengths = self._rows(flat)
+            if override is not None:
+                o_rows, o_len, o_mask = (jnp.asarray(a) for a in override)
+                mask = o_mask.reshape(-1)
+                rows = jnp.where(mask[:, None], o_rows.reshape(-1, rows.shape[-1]), rows)
+                lengths = jnp.where(mask, o_len.reshape(-1).astype(jnp.int32), lengths)
+            out = self._embed_rows(rows, lengths)
+        return out.reshape(ids.shape + (self.features,)).astype(self.dtype or jnp.float32)
+
+    def embed_bytes(self, rows_NxP: jax.Array, lengths_N: jax.Array) -> jax.Array:
+        """Embeddings of arbitrary byte rows (see `vocab.encode_bytes`), batched: (N, F)."""
+        if rows_NxP.shape[-1] != self.vocab.pos_dim:
+            raise ValueError(f"byte rows must have pos_dim={self.vocab.pos_dim} columns; "
+                             f"got {rows_NxP.shape}")
+        out = self._embed_rows(jnp.asarray(rows_NxP), jnp.asarray(lengths_N, jnp.int32))
+        return out.astype(self.dtype or jnp.float32)
+
+    def table(self) -> jax.Array:
+        """The codec-generated V x F table K @ W, computed by the closed form (no V x D)."""
+        if self.mode == "dense":
+            return jnp.asarray(_dense_table(self.vocab)) @ jnp.asarray(self.projection)
+        return self._embed_rows(jnp.asarray(self.vocab.rows),
+                                jnp.asarray(self.vocab.lengths, jnp.int32))
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """Logits of query (..., F) against the codec-generated table: the tied output head."""
+        dtype = self.dtype or jnp.float32
+        return jnp.dot(query.astype(dtype), self.table().astype(dtype).T)

@@ -1,0 +1,122 @@
+"""KroneckerEmbed as a drop-in for nn.Embed, checked against the NumPy formula."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kronjax import ByteOverride, ByteVocab, KroneckerEmbed, reference_codec
+from kronjax.vocab import encode_bytes
+
+WORDS = [b"", b"the", b" the", b"The", b"\x00", b"\xff\xfe\xfd", "naïve".encode(),
+         b"a" * 40, b"running", b" runner", "日本語".encode()]
+
+
+@pytest.fixture(scope="module")
+def vocab() -> ByteVocab:
+    return ByteVocab.from_bytes(WORDS, pos_dim=8).pad_to(16)
+
+
+def _params(vocab: ByteVocab, features: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(vocab.codec_dim, features)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense", "bytes"])
+def test_matches_numpy_formula_any_leading_shape(vocab: ByteVocab, mode: str) -> None:
+    w = _params(vocab, 6)
+    table = reference_codec(vocab.rows, vocab.lengths).astype(np.float64) @ w
+    ids = np.array([[1, 2, 3], [15, 0, 10]])
+    out = KroneckerEmbed(vocab, 6, mode=mode).apply({"params": {"projection": w}}, ids)
+    assert out.shape == (2, 3, 6) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), table[ids], rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(out)[1, 0] == 0)  # padded id: no bytes, zero embedding
+
+
+def test_params_tree_holds_only_the_projection(vocab: ByteVocab) -> None:
+    variables = KroneckerEmbed(vocab, 4).init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
+    assert list(variables) == ["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(variables))
+    assert [(jax.tree_util.keystr(p), x.shape) for p, x in leaves] == [
+        ("['params']['projection']", (vocab.codec_dim, 4))]
+    boxed = variables["params"]["projection"]
+    assert boxed.names == ("codec", "embed")
+    w = np.asarray(nn.meta.unbox(variables)["params"]["projection"])
+    assert abs(w.std() - 1 / np.sqrt(vocab.codec_dim)) < 0.1 / np.sqrt(vocab.codec_dim)
+
+
+def test_drop_in_for_nn_embed_in_a_model(vocab: ByteVocab) -> None:
+    """Same call signature and output shape as nn.Embed, and it trains (grads reach W)."""
+
+    class Tiny(nn.Module):
+        embed: nn.Module
+
+        @nn.compact
+        def __call__(self, ids: jax.Array) -> jax.Array:
+            return nn.Dense(3)(self.embed(ids)).sum()
+
+    ids = jnp.array([[1, 2], [3, 4]])
+    for emb in (nn.Embed(16, 8), KroneckerEmbed(vocab, 8)):
+        model = Tiny(emb)
+        params = model.init(jax.random.key(1), ids)
+        grads = jax.jit(jax.grad(lambda p: model.apply(p, ids)))(params)
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_gradient_matches_formula(vocab: ByteVocab) -> None:
+    """d/dW sum(g * K[ids] @ W) = K[ids]^T g: the closed form's backward is exact too."""
+    w = _params(vocab, 5, seed=3)
+    ids = np.array([1, 2, 2, 7, 10, 0])
+    g = np.random.default_rng(4).normal(size=(6, 5)).astype(np.float32)
+    k = reference_codec(vocab.rows, vocab.lengths).astype(np.float64)
+    want = k[ids].T @ g
+    for mode in ("sparse", "bytes", "dense"):
+        mod = KroneckerEmbed(vocab, 5, mode=mode)
+        got = jax.grad(lambda p: jnp.sum(mod.apply({"params": {"projection": p}}, ids) * g))(w)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_embed_bytes_and_override(vocab: ByteVocab) -> None:
+    w = _params(vocab, 4, seed=5)
+    mod = KroneckerEmbed(vocab, 4)
+    variables = {"params": {"projection": w}}
+    novel = ["glorptastic".encode(), b"", b"\x80\x81"]
+    rows, lengths = encode_bytes(novel, vocab.pos_dim)
+    got = mod.apply(variables, rows, lengths, method=KroneckerEmbed.embed_bytes)
+    want = reference_codec(rows, lengths).astype(np.float64) @ w
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+    ids = np.array([[1, 2, 3, 4]])
+    override = ByteOverride.single(ids.shape, (0, 2), novel[0], vocab.pos_dim)
+    plain = np.asarray(mod.apply(variables, ids))
+    swapped = np.asarray(mod.apply(variables, ids, override))
+    np.testing.assert_allclose(swapped[0, 2], want[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.delete(swapped, 2, axis=1), np.delete(plain, 2, axis=1))
+
+
+def test_attend_is_logits_against_codec_table(vocab: ByteVocab) -> None:
+    w = _params(vocab, 4, seed=6)
+    x = np.random.default_rng(7).normal(size=(3, 4)).astype(np.float32)
+    table = reference_codec(vocab.rows, vocab.lengths).astype(np.float64) @ w
+    for mode in ("sparse", "dense", "bytes"):
+        got = KroneckerEmbed(vocab, 4, mode=mode).apply(
+            {"params": {"projection": w}}, x, method=KroneckerEmbed.attend)
+        np.testing.assert_allclose(np.asarray(got), x @ table.T, rtol=1e-4, atol=1e-3)
+
+
+def test_bad_input_errors(vocab: ByteVocab) -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        KroneckerEmbed(vocab, 4, mode="fast").init(jax.random.key(0), jnp.zeros(2, jnp.int32))
+    with pytest.raises(TypeError, match="integer ids"):
+        KroneckerEmbed(vocab, 4).init(jax.random.key(0), jnp.zeros(2))
+    with pytest.raises(ValueError, match="pos_dim=8"):
+        KroneckerEmbed(vocab, 4).init(jax.random.key(0), np.zeros((1, 4), np.uint8),
+                                      np.zeros(1, np.int32), method=KroneckerEmbed.embed_bytes)
+
+
+def test_bf16_compute_dtype(vocab: ByteVocab) -> None:
+    mod = KroneckerEmbed(vocab, 4, dtype=jnp.bfloat16)
+    out = mod.apply({"params": {"projection": _params(vocab, 4)}}, jnp.array([1, 2]))
+    assert out.dtype == jnp.bfloat16
