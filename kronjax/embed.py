@@ -7,7 +7,7 @@ a variable: it stays out of the params tree, the optimizer, weight decay and che
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -27,15 +27,16 @@ def _dense_table(vocab: ByteVocab) -> np.ndarray:
     return codec.codec_table(vocab.rows, vocab.lengths)
 
 
-class ByteOverride(tuple):
-    """(rows (..., P) uint8, lengths (...,) int, mask (...,) bool) replacing some ids' bytes.
+class ByteOverride(NamedTuple):
+    """Bytes that replace some positions' tokens: a pytree, so it passes through jax.jit.
 
     Where mask is true, that position embeds the given bytes instead of its token: a word
     with no single token can be placed at any position (forced out-of-vocabulary).
     """
 
-    def __new__(cls, rows: Any, lengths: Any, mask: Any) -> "ByteOverride":
-        return super().__new__(cls, (rows, lengths, mask))
+    rows: Any     # (..., P) uint8
+    lengths: Any  # (...,) int
+    mask: Any     # (...,) bool
 
     @classmethod
     def single(cls, ids_shape: tuple[int, ...], position: tuple[int, ...], word: bytes,
@@ -106,7 +107,7 @@ class KroneckerEmbed(nn.Module):
         else:
             rows, lengths = self._rows(flat)
             if override is not None:
-                o_rows, o_len, o_mask = (jnp.asarray(a) for a in override)
+                o_rows, o_len, o_mask = (jnp.asarray(a) for a in tuple(override))
                 mask = o_mask.reshape(-1)
                 rows = jnp.where(mask[:, None], o_rows.reshape(-1, rows.shape[-1]), rows)
                 lengths = jnp.where(mask, o_len.reshape(-1).astype(jnp.int32), lengths)

@@ -8,6 +8,7 @@ so the adapters here read raw bytes from the tokenizer instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -141,7 +142,7 @@ class ByteVocab:
         """The (truncated) bytes the codec sees for id i."""
         return self.rows[i, :self.lengths[i]].tobytes()
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 over rows, lengths and the codec settings: what a checkpoint must match."""
         h = hashlib.sha256()

@@ -1,0 +1,332 @@
+"""GPT-2 (nanoGPT's model.py) in Flax linen, with the embedding arm chosen by config.
+
+Shape letters, used in names across the package (`ids_BxT`, `x_BxTxD`, `w_CxD`):
+  B batch, T sequence (<= block_size), D model width (n_embd), H heads, K head dim (D / H),
+  V vocabulary, F MLP hidden (4 D), P pos_dim, C codec width (256 * P).
+
+Arms (DESIGN.md section 4): bpe_tied (nanoGPT), bpe_untied, kron (codec + W, separate head),
+kron_tied (logits against the codec-generated table K @ W).
+
+Logical axis names on every param (`LOGICAL_AXES`; the sharding rules map them to mesh axes):
+"vocab" V, "embed" D, "codec" C (W's rows, named by KroneckerEmbed), "position" block_size,
+"heads" H, "kv" K, "mlp" F, "norm" D (LayerNorm scale/bias), and None for the size-3 q/k/v
+selector. The fused qkv kernel is (D, 3, H, K) and the attention output kernel (H, K, D):
+nanoGPT's (D, 3D) and (D, D) reshaped, so sharding "heads" splits q, k and v alike.
+
+Params are float32 (param_dtype); activations and matmuls run in config.dtype; attention
+softmax and the returned logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kronjax.embed import MODES, ByteOverride, KroneckerEmbed
+from kronjax.vocab import ByteVocab
+
+ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
+INIT_STD = 0.02
+LN_EPS = 1e-5
+KRON_TIED_LOGIT_SCALE = INIT_STD  # see GPT.head: matches bpe_tied's logit scale at init
+LOGICAL_AXES = ("vocab", "embed", "codec", "position", "heads", "kv", "mlp", "norm")
+
+
+def _as_dtype(value: Any, field: str) -> jnp.dtype:
+    try:
+        return jnp.dtype(value)
+    except TypeError as e:
+        raise ValueError(f"{field} must be a dtype or one of 'float32', 'bfloat16', "
+                         f"'float16'; got {value!r}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Model hyperparameters (nanoGPT's GPTConfig plus the embedding arm)."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True
+    arm: str = "kron"
+    pos_dim: int = 16
+    kron_mode: str = "sparse"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        if self.arm not in ARMS:
+            raise ValueError(f"unknown arm {self.arm!r}; valid arms are {', '.join(ARMS)}")
+        if self.kron_mode not in MODES:
+            raise ValueError(f"unknown kron_mode {self.kron_mode!r}; valid: {', '.join(MODES)}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pos_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1); got {self.dropout}")
+        object.__setattr__(self, "dtype", _as_dtype(self.dtype, "dtype"))
+        object.__setattr__(self, "param_dtype", _as_dtype(self.param_dtype, "param_dtype"))
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, vocab_size: Optional[int] = None) -> "GPTConfig":
+        """From an ml_collections ConfigDict (or mapping) with this class's field names.
+
+        `vocab_size`, when given, wins over the config's (the data decides it).
+        """
+        d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        if unknown := sorted(set(d) - set(names)):
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {names}")
+        d.update({} if vocab_size is None else {"vocab_size": vocab_size})
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        if missing := [n for n in required if n not in d]:
+            raise ValueError(f"model config lacks required keys {missing}")
+        return cls(**d)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def is_kron(self) -> bool:
+        return self.arm.startswith("kron")
+
+    @property
+    def is_tied(self) -> bool:
+        return self.arm in ("bpe_tied", "kron_tied")
+
+
+def _partitioned(init: Any, names: Sequence[Optional[str]]) -> Any:
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Linear(nn.Module):
+    """y = x . W (+ b) contracting x's last len(in_shape) axes; W has explicit logical names."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    names: tuple[Optional[str], ...]  # for in_shape + out_shape
+    std: float = INIT_STD
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        kernel = self.param("kernel", _partitioned(nn.initializers.normal(self.std), self.names),
+                            self.in_shape + self.out_shape, self.param_dtype)
+        axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=axes)
+        if self.use_bias:
+            bias = self.param("bias", _partitioned(nn.initializers.zeros, self.names[n_in:]),
+                              self.out_shape, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def _layer_norm(c: GPTConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, use_bias=c.bias, dtype=c.dtype, param_dtype=c.param_dtype,
+                        scale_init=_partitioned(nn.initializers.ones, ("norm",)),
+                        bias_init=_partitioned(nn.initializers.zeros, ("norm",)), name=name)
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, train: bool) -> jax.Array:
+        c = self.config
+        h, k, d = c.n_head, c.head_dim, c.n_embd
+        kw = dict(use_bias=c.bias, dtype=c.dtype, param_dtype=c.param_dtype)
+        qkv_BxTx3xHxK = Linear((d,), (3, h, k), ("embed", None, "heads", "kv"), name="c_attn",
+                               **kw)(x_BxTxD)
+        q, key, v = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
+        t = x_BxTxD.shape[1]
+        att_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q, key).astype(jnp.float32) / math.sqrt(k)
+        causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+        att_BxHxTxT = jnp.where(causal_TxT, att_BxHxTxT, jnp.finfo(jnp.float32).min)
+        att_BxHxTxT = jax.nn.softmax(att_BxHxTxT, axis=-1)
+        att_BxHxTxT = nn.Dropout(c.dropout, deterministic=not train)(att_BxHxTxT)
+        y_BxTxHxK = jnp.einsum("bhts,bshk->bthk", att_BxHxTxT.astype(c.dtype), v)
+        y_BxTxD = Linear((h, k), (d,), ("heads", "kv", "embed"), name="c_proj",
+                         std=INIT_STD / math.sqrt(2 * c.n_layer), **kw)(y_BxTxHxK)
+        return nn.Dropout(c.dropout, deterministic=not train)(y_BxTxD)
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, train: bool) -> jax.Array:
+        c = self.config
+        d, f = c.n_embd, 4 * c.n_embd
+        kw = dict(use_bias=c.bias, dtype=c.dtype, param_dtype=c.param_dtype)
+        h_BxTxF = Linear((d,), (f,), ("embed", "mlp"), name="c_fc", **kw)(x_BxTxD)
+        h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=False)  # nanoGPT's nn.GELU(): exact erf
+        y_BxTxD = Linear((f,), (d,), ("mlp", "embed"), name="c_proj",
+                         std=INIT_STD / math.sqrt(2 * c.n_layer), **kw)(h_BxTxF)
+        return nn.Dropout(c.dropout, deterministic=not train)(y_BxTxD)
+
+
+class Block(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, train: bool) -> jax.Array:
+        c = self.config
+        attn = CausalSelfAttention(c, name="attn")
+        x_BxTxD = x_BxTxD + attn(_layer_norm(c, "ln_1")(x_BxTxD), train)
+        return x_BxTxD + MLP(c, name="mlp")(_layer_norm(c, "ln_2")(x_BxTxD), train)
+
+
+class GPT(nn.Module):
+    """nanoGPT's GPT-2. `vocab` (padded to config.vocab_size) is required by the kron arms.
+
+    `embed` and `from_embeddings` split `__call__` so probes and tests can differentiate
+    with respect to the embedded input: `model.apply(v, x, method=GPT.from_embeddings)`.
+    """
+
+    config: GPTConfig
+    vocab: Optional[ByteVocab] = None
+
+    def setup(self) -> None:
+        c = self.config
+        emb_init = _partitioned(nn.initializers.normal(INIT_STD), ("vocab", "embed"))
+        if c.is_kron:
+            if self.vocab is None:
+                raise ValueError(f"arm {c.arm!r} needs a ByteVocab (vocab=...)")
+            if self.vocab.vocab_size != c.vocab_size:
+                raise ValueError(f"vocab has {self.vocab.vocab_size} ids but config.vocab_size is "
+                                 f"{c.vocab_size}; pass vocab.pad_to({c.vocab_size})")
+            if self.vocab.pos_dim != c.pos_dim:
+                raise ValueError(f"vocab has pos_dim={self.vocab.pos_dim} but config.pos_dim is "
+                                 f"{c.pos_dim}")
+            self.kron = KroneckerEmbed(self.vocab, c.n_embd, mode=c.kron_mode, dtype=c.dtype,
+                                       param_dtype=c.param_dtype)
+        else:
+            self.wte = nn.Embed(c.vocab_size, c.n_embd, embedding_init=emb_init, dtype=c.dtype,
+                                param_dtype=c.param_dtype)
+        self.wpe = nn.Embed(c.block_size, c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype,
+                            embedding_init=_partitioned(nn.initializers.normal(INIT_STD),
+                                                        ("position", "embed")))
+        self.drop = nn.Dropout(c.dropout)
+        self.h = [Block(c) for _ in range(c.n_layer)]
+        self.ln_f = _layer_norm(c, "ln_f")
+        if not c.is_tied:
+            self.lm_head = Linear((c.n_embd,), (c.vocab_size,), ("embed", "vocab"),
+                                  use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype)
+
+    def embed(self, ids_BxT: jax.Array, *, train: bool = False,
+              override: Optional[ByteOverride] = None) -> jax.Array:
+        """Token + position embeddings, then dropout: x_BxTxD in the compute dtype."""
+        c = self.config
+        t = ids_BxT.shape[-1]
+        if t > c.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {c.block_size}")
+        if c.is_kron:
+            tok_BxTxD = self.kron(ids_BxT, override=override)
+        else:
+            if override is not None:
+                raise ValueError(f"byte overrides need a kron arm; arm is {c.arm!r}")
+            tok_BxTxD = self.wte(ids_BxT)
+        x_BxTxD = tok_BxTxD.astype(c.dtype) + self.wpe(jnp.arange(t))
+        return self.drop(x_BxTxD, deterministic=not train)
+
+    def from_embeddings(self, x_BxTxD: jax.Array, *, train: bool = False,
+                        return_hidden: bool = False) -> Any:
+        """Blocks, final LayerNorm and head on embedded input; see `__call__` for the result."""
+        blocks = []
+        for block in self.h:
+            x_BxTxD = block(x_BxTxD, train)
+            blocks.append(x_BxTxD)
+        h_BxTxD = self.ln_f(x_BxTxD)
+        logits_BxTxV = self.head(h_BxTxD)
+        if return_hidden:
+            return {"logits": logits_BxTxV, "hidden": h_BxTxD, "blocks": blocks}
+        return logits_BxTxV
+
+    def head(self, h_BxTxD: jax.Array) -> jax.Array:
+        """Output logits (float32) from final-LN hidden states, per arm."""
+        arm = self.config.arm
+        if arm == "bpe_tied":
+            logits = self.wte.attend(h_BxTxD)
+        elif arm == "kron_tied":
+            # K @ W has unit-scale entries (z rows have norm sqrt(C), W std 1/sqrt(C)), 50x
+            # nanoGPT's 0.02 table: a fixed factor gives the tied baseline's init logit scale.
+            logits = self.kron.attend(h_BxTxD) * KRON_TIED_LOGIT_SCALE
+        else:
+            logits = self.lm_head(h_BxTxD)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, ids_BxT: jax.Array, *, train: bool = False,
+                 override: Optional[ByteOverride] = None, return_hidden: bool = False) -> Any:
+        """ids_BxT -> logits_BxTxV (float32).
+
+        With return_hidden: {"logits", "hidden": final-LN states BxTxD, "blocks": the n_layer
+        block outputs BxTxD (residual stream, before ln_f)}, hidden states in compute dtype.
+        Dropout (train=True) draws from the "dropout" rng.
+        """
+        x_BxTxD = self.embed(ids_BxT, train=train, override=override)
+        return self.from_embeddings(x_BxTxD, train=train, return_hidden=return_hidden)
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """Mean next-token loss in nats, computed in float32."""
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxTxV.astype(jnp.float32), targets_BxT)
+    return losses_BxT.mean()
+
+
+def _size(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
+
+
+def _params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    return params["params"] if "params" in params else params
+
+
+def param_counts(params: Mapping[str, Any], config: GPTConfig) -> dict[str, int]:
+    """{input_side, head, rest, total}: input_side is the table (bpe) or projection W (kron),
+    head the separate output head (0 when tied), rest everything else (wpe included).
+
+    Works on real params, boxed (Partitioned) params or `jax.eval_shape` structs.
+    """
+    p = _params(params)
+    input_side = _size(p["kron" if config.is_kron else "wte"])
+    head = 0 if config.is_tied else _size(p["lm_head"])
+    total = _size(p)
+    return {"input_side": input_side, "head": head, "rest": total - input_side - head,
+            "total": total}
+
+
+def n_params_nonembedding(params: Mapping[str, Any], config: GPTConfig) -> int:
+    """N for the 6N flops-per-token estimate: the params that take part in matmuls.
+
+    As nanoGPT's get_num_params(non_embedding=True): position embeddings are excluded and the
+    output head counts once as V x D. Here that holds for every arm, so equal compute gives
+    equal N: the input side (a lookup / a P-row gather) is excluded, and the tied kron head
+    counts as the V x D matmul it performs, not as its C x D parameters.
+    """
+    counts = param_counts(params, config)
+    wpe = _size(_params(params)["wpe"])
+    return counts["rest"] - wpe + config.vocab_size * config.n_embd
+
+
+def flops_per_token(config: GPTConfig, n_params: int, seq_len: Optional[int] = None) -> int:
+    """Training flops per token, nanoGPT/PaLM: 6 N + 12 L H K T (forward + backward)."""
+    t = config.block_size if seq_len is None else seq_len
+    return 6 * n_params + 12 * config.n_layer * config.n_head * config.head_dim * t
