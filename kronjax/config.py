@@ -1,0 +1,119 @@
+"""Config files (ml_collections ConfigDict) with `--config.a.b=value` overrides.
+
+An unknown key is an error naming it and the nearest valid keys: a typo in a long sweep
+must not silently train the default.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = REPO_CONFIGS / "default.py"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied."""
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    """Import a config file and call its get_config()."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; the shipped ones are in "
+                          f"{REPO_CONFIGS}: {sorted(p.name for p in REPO_CONFIGS.glob('*.py'))}")
+    spec = importlib.util.spec_from_file_location(f"kronjax_config_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config() function")
+    cfg = module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    return cfg
+
+
+def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(flat_keys(v, name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Set cfg[key] (dotted) from a command-line string, keeping the field's type."""
+    valid = flat_keys(cfg)
+    if key not in valid:
+        near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise ConfigError(f"unknown config key {key!r}{hint} (valid keys: see the config file)")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    old = node[leaf]
+    value = _parse_value(text)
+    if isinstance(old, str) and not isinstance(value, str):
+        value = text
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if old is not None and isinstance(old, bool) != isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} is a {type(old).__name__}; got {text!r}")
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"config key {key!r} expects {type(old).__name__}; got {text!r}") from e
+
+
+def parse_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Split `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+    overrides, rest = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            else:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{arg} needs a value")
+                key, value = body, args[i + 1]
+                i += 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def build_config(path: str | Path | None, overrides: Sequence[tuple[str, str]]
+                 ) -> ml_collections.ConfigDict:
+    cfg = load_config_file(path or DEFAULT_CONFIG)
+    for key, value in overrides:
+        apply_override(cfg, key, value)
+    return cfg
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,156 @@
+"""`python -m kronjax.sample --workdir DIR --prompt "..." [--oov WORD] [--top-p 0.9]`.
+
+Greedy or nucleus sampling from a trained run. With a Kronecker arm, `--oov WORD` embeds
+WORD from its bytes at one position (where the prompt says `{oov}`, else at its end), so
+the model reads a word that has no single token: the forced out-of-vocabulary probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kronjax import checkpoint as ckpt
+from kronjax import data as data_lib
+from kronjax.embed import ByteOverride
+from kronjax.model import GPT
+from kronjax.tokenizers import Tokenizer
+from kronjax.train import init_state, model_config, data_dir_for
+from kronjax import optim
+
+OOV_MARK = "{oov}"
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A trained run, ready to generate: model, params, tokenizer and its config."""
+
+    model: GPT
+    params: Any
+    tokenizer: Tokenizer
+    cfg: ml_collections.ConfigDict
+    step: int
+
+
+def load_run(workdir: str | Path, step: int | None = None) -> Loaded:
+    """Rebuild the model of a run from its saved config and restore its params."""
+    workdir = Path(workdir)
+    cfg_path = workdir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{workdir} holds no config.json: is it a kronjax.train workdir?")
+    cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    ddir = data_dir_for(cfg)
+    tokenizer = data_lib.load_tokenizer_for(ddir)
+    mcfg = model_config(cfg, tokenizer.vocab_size)
+    vocab = tokenizer.byte_vocab(mcfg.pos_dim).pad_to(mcfg.vocab_size) if mcfg.is_kron else None
+    model = GPT(mcfg, vocab)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", save_every=1)
+    try:
+        meta = checkpointer.read_meta(step)
+        if meta is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+        if vocab is not None and meta.get("vocab_fingerprint") != vocab.fingerprint:
+            raise ckpt.IncompatibleCheckpointError(
+                f"the tokenizer in {ddir} gives vocabulary {vocab.fingerprint[:12]} but the "
+                f"checkpoint was trained on {str(meta.get('vocab_fingerprint'))[:12]}")
+        tx, _ = optim.from_config(cfg)
+        abstract = jax.eval_shape(lambda: init_state(model, tx, 0, mcfg.block_size))
+        state, _ = checkpointer.restore(step, abstract, None)
+    finally:
+        checkpointer.close()
+    return Loaded(model, state["params"], tokenizer, cfg, int(state["step"]))
+
+
+def _next_token(logits_V: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """Greedy when temperature == 0, else nucleus sampling over the top-p mass."""
+    if temperature <= 0:
+        return jnp.argmax(logits_V)
+    logits_V = logits_V / temperature
+    order = jnp.argsort(-logits_V)
+    probs = jax.nn.softmax(logits_V[order])
+    keep = jnp.cumsum(probs) - probs < top_p  # always keeps the top token
+    masked = jnp.where(keep, logits_V[order], -jnp.inf)
+    return order[jax.random.categorical(rng, masked)]
+
+
+def generate(run: Loaded, ids: Sequence[int], n_new: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, oov: tuple[int, bytes] | None = None
+             ) -> list[int]:
+    """Extend ids by n_new tokens; `oov=(position, word_bytes)` overrides one position."""
+    block = run.model.config.block_size
+    if len(ids) + n_new > block:
+        raise ValueError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the "
+                         f"model's block_size {block}")
+    if oov is not None and not run.model.config.is_kron:
+        raise ValueError(f"--oov needs a Kronecker arm; this run's arm is {run.model.config.arm}")
+    buf = np.zeros((1, block), np.int32)
+    buf[0, :len(ids)] = ids
+    override = None
+    if oov is not None:
+        override = ByteOverride.single((1, block), (0, oov[0]), oov[1], run.model.config.pos_dim)
+
+    @jax.jit
+    def logits_at(params: Any, buf_1xT: jax.Array, pos: jax.Array) -> jax.Array:
+        logits = run.model.apply({"params": params}, buf_1xT, override=override)
+        return logits[0, pos]
+
+    rng = jax.random.key(seed)
+    out = list(ids)
+    for i in range(n_new):
+        pos = len(out) - 1
+        logits_V = logits_at(run.params, jnp.asarray(buf), jnp.asarray(pos))
+        tok = int(_next_token(logits_V, jax.random.fold_in(rng, i), temperature, top_p))
+        buf[0, pos + 1] = tok
+        out.append(tok)
+    return out
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, oov: str | None
+                  ) -> tuple[list[int], tuple[int, bytes] | None]:
+    """Token ids of the prompt, with one placeholder id where the OOV word goes."""
+    if oov is None:
+        return tokenizer.encode(prompt), None
+    before, _, after = prompt.partition(OOV_MARK) if OOV_MARK in prompt else (prompt, "", "")
+    head = tokenizer.encode(before)
+    position = len(head)
+    return head + [0] + (tokenizer.encode(after) if after else []), (position, oov.encode())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kronjax.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oov", default=None, help="a word embedded from its bytes at {oov}")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = p.parse_args(argv)
+    run = load_run(args.workdir, args.step)
+    ids, oov = encode_prompt(run.tokenizer, args.prompt, args.oov)
+    if not ids:
+        ids = [run.tokenizer.eot_id if run.tokenizer.eot_id is not None else 0]
+    n_new = min(args.tokens, run.model.config.block_size - len(ids))
+    out = generate(run, ids, n_new, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed, oov=oov)
+    text = run.tokenizer.decode(out[len(ids):])
+    shown = args.prompt.replace(OOV_MARK, args.oov) if args.oov else args.prompt
+    if args.oov and OOV_MARK not in args.prompt:
+        shown = args.prompt + args.oov
+    print(shown + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
