@@ -155,8 +155,21 @@ class RunResult:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
           stop: Callable[[], bool] | None = None) -> RunResult:
-    """Train (or resume) the run in workdir; returns its final numbers."""
-    workdir = Path(workdir)
+    """Train (or resume) the run in workdir; returns its final numbers.
+
+    `stop` is polled after every step (default: a SIGTERM flag, installed before anything
+    else so a signal during setup still ends in a clean save).
+    """
+    if stop is not None:
+        return _train(cfg, Path(workdir), stop)
+    flag = ckpt.install_sigterm_handler()
+    try:
+        return _train(cfg, Path(workdir), flag)
+    finally:
+        getattr(flag, "uninstall", lambda: None)()
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: Callable[[], bool]) -> RunResult:
     workdir.mkdir(parents=True, exist_ok=True)
     progress = bool(cfg.train.progress) and sys.stderr.isatty()
     ddir = ensure_data(cfg, progress=progress)
@@ -204,8 +217,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
                       donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, model=model))
     rng = jax.random.key(int(cfg.seed) + 1)
-    own_stop = stop is None
-    stop = stop or ckpt.install_sigterm_handler()
     tokens_per_step = int(cfg.train.batch_size) * seq_len
     step = int(state["step"])
     last_loss, val_loss, val_bpb, preempted = float("nan"), None, None, False
@@ -244,8 +255,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     finally:
         checkpointer.close()
         writer.close()
-        if own_stop and hasattr(stop, "uninstall"):
-            stop.uninstall()
     return RunResult(step, last_loss, val_loss, val_bpb, preempted)
 
 
