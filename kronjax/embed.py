@@ -23,8 +23,12 @@ MODES = ("sparse", "dense", "bytes")
 
 @functools.lru_cache(maxsize=4)
 def _dense_table(vocab: ByteVocab) -> np.ndarray:
-    """The V x D constant for mode="dense", built once per vocabulary (it can be large)."""
-    return codec.codec_table(vocab.rows, vocab.lengths)
+    """The V x D constant for mode="dense", built once per vocabulary (it can be large).
+
+    Built eagerly even when first needed inside a jit trace: it is a constant of the model.
+    """
+    with jax.ensure_compile_time_eval():
+        return codec.codec_table(vocab.rows, vocab.lengths)
 
 
 class ByteOverride(NamedTuple):
@@ -112,6 +116,10 @@ class KroneckerEmbed(nn.Module):
                 rows = jnp.where(mask[:, None], o_rows.reshape(-1, rows.shape[-1]), rows)
                 lengths = jnp.where(mask, o_len.reshape(-1).astype(jnp.int32), lengths)
             out = self._embed_rows(rows, lengths)
+        # Ids outside the vocabulary embed to NaN, as nn.Embed's lookup does, rather than
+        # silently reading a clamped row (an unpadded vocabulary would train on wrong input).
+        in_range = (flat >= 0) & (flat < self.vocab.vocab_size)
+        out = jnp.where(in_range[:, None], out, jnp.nan)
         return out.reshape(ids.shape + (self.features,)).astype(self.dtype or jnp.float32)
 
     def embed_bytes(self, rows_NxP: jax.Array, lengths_N: jax.Array) -> jax.Array:

@@ -120,3 +120,14 @@ def test_bf16_compute_dtype(vocab: ByteVocab) -> None:
     mod = KroneckerEmbed(vocab, 4, dtype=jnp.bfloat16)
     out = mod.apply({"params": {"projection": _params(vocab, 4)}}, jnp.array([1, 2]))
     assert out.dtype == jnp.bfloat16
+
+
+def test_out_of_range_ids_embed_to_nan_like_nn_embed(vocab: ByteVocab) -> None:
+    ids = jnp.array([0, 15, 16, 99, -1])
+    w = _params(vocab, 3)
+    kron = np.asarray(KroneckerEmbed(vocab, 3).apply({"params": {"projection": w}}, ids))
+    table = nn.Embed(16, 3)
+    ref = np.asarray(table.apply(table.init(jax.random.key(0), ids), ids))
+    assert np.isnan(ref[2:4]).all()  # nn.Embed: ids >= V read NaN
+    assert np.isnan(kron[2:4]).all() and np.isfinite(kron[:2]).all()
+    assert np.isnan(kron[4]).all()  # stricter than nn.Embed, which wraps -1 to the last row
