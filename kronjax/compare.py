@@ -1,0 +1,417 @@
+"""`python -m kronjax.compare --config FILE --arms A,B --seeds 3 --out DIR [--config.a.b=v]`
+
+Trains every arm x seed into DIR/<arm>_s<seed> with kronjax.train, then reports per arm the
+mean ± std (ddof=1) of the final validation loss and bits per byte, the gap of each arm to
+the first (reference) arm with a 95% Welch-t confidence interval, steps-to-match, and PNG
+plots of the loss curves and the input-side norm drift (DIR/summary.{md,json}, *.png).
+
+Resumable: a run whose metrics.jsonl has the final step with val_loss is skipped; an
+interrupted one is resumed by train's own checkpoint resume. A run directory trained with a
+different config is an error, never silently mixed in. `--seeds N` means seeds 0..N-1;
+`--seeds 1,4,7` names them. `--report-only` reports on the finished runs without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+import kronjax.train as train_lib
+from kronjax import config as config_lib
+from kronjax.model import ARMS
+
+log = logging.getLogger("kronjax.compare")
+IGNORED_KEYS = ("train.progress",)  # may differ between invocations without changing a run
+# Two-sided 95% Student t quantiles t_{0.975, df}; used only when scipy is missing.
+T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+           9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
+           16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074,
+           23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045,
+           30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+Z_975 = 1.959964
+Runs = Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]]  # {arm: {seed: records}}
+
+
+class RunMismatchError(ValueError):
+    """A run directory holds a run made with another config."""
+
+
+# -- runs --------------------------------------------------------------------------------------
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_s{seed}"
+
+
+def parse_arms(text: str) -> list[str]:
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    if bad := [a for a in arms if a not in ARMS]:
+        raise ValueError(f"unknown arms {bad}; valid arms are {', '.join(ARMS)}")
+    if len(set(arms)) != len(arms) or not arms:
+        raise ValueError(f"--arms needs distinct arm names; got {text!r}")
+    return arms
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'3' -> [0, 1, 2]; '1,4,7' -> [1, 4, 7]."""
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes a count (3) or a list (0,4,7); got {text!r}") from None
+    if len(vals) == 1 and "," not in text:
+        if vals[0] < 1:
+            raise ValueError(f"--seeds count must be >= 1; got {vals[0]}")
+        return list(range(vals[0]))
+    if len(set(vals)) != len(vals) or not vals:
+        raise ValueError(f"--seeds needs distinct integers; got {text!r}")
+    return vals
+
+
+def run_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:
+    cfg = copy.deepcopy(base)
+    cfg.model.arm = arm
+    cfg.seed = seed
+    return cfg
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records sorted by step, the last record kept where a resume repeated one.
+
+    A line cut short by a crash is skipped (train starts a fresh line after it).
+    """
+    path = Path(path)
+    by_step: dict[int, dict[str, Any]] = {}
+    if not path.is_file():
+        return []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def is_finished(workdir: str | Path, steps: int) -> bool:
+    """Finished = metrics.jsonl has the final step with its val_loss."""
+    return any(r["step"] == steps and r.get("val_loss") is not None
+               for r in read_metrics(Path(workdir) / "metrics.jsonl"))
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(cfg: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between a config and a run's saved config.json."""
+    new = _flat(json.loads(config_lib.to_json(cfg)))
+    old = _flat(saved)
+    keys = sorted((set(new) | set(old)) - set(IGNORED_KEYS))
+    return [k for k in keys if new.get(k, "<absent>") != old.get(k, "<absent>")]
+
+
+def check_run_dir(workdir: Path, cfg: ml_collections.ConfigDict) -> None:
+    """Refuse a run directory whose saved config differs from the one we would train."""
+    saved = workdir / "config.json"
+    if saved.is_file():
+        diff = config_diff(cfg, json.loads(saved.read_text()))
+        if diff:
+            raise RunMismatchError(
+                f"{workdir} was trained with a different config ({', '.join(diff)} differ); "
+                "use another --out, or move that run away")
+    elif (workdir / "metrics.jsonl").exists():
+        raise RunMismatchError(f"{workdir} has metrics.jsonl but no config.json: not a run "
+                               "this tool can resume; use another --out")
+
+
+def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence[int],
+            out: str | Path) -> dict[str, str]:
+    """Train (or skip, or resume) every arm x seed; returns {run name: what happened}.
+
+    Stops early, returning "preempted" for that run, when train was told to stop (SIGTERM).
+    """
+    out = Path(out)
+    steps = int(cfg.train.steps)
+    jobs = [(a, s, run_config(cfg, a, s), out / run_name(a, s)) for a in arms for s in seeds]
+    for _, _, rcfg, wd in jobs:  # check every directory before training anything
+        check_run_dir(wd, rcfg)
+    status: dict[str, str] = {}
+    for arm, seed, rcfg, wd in jobs:
+        name = run_name(arm, seed)
+        if is_finished(wd, steps):
+            status[name] = "skipped (finished)"
+            log.info("%s: finished, skipped", name)
+            continue
+        resumed = (wd / "checkpoints").exists()
+        log.info("%s: %s", name, "resuming" if resumed else "training")
+        result = train_lib.train(rcfg, wd)
+        if result.preempted:
+            status[name] = "preempted"
+            log.warning("%s was stopped at step %d; rerun the same command to resume", name,
+                        result.step)
+            break
+        status[name] = "resumed" if resumed else "trained"
+    return status
+
+
+# -- statistics (pure) ---------------------------------------------------------------------------
+def t_quantile(df: float, q: float = 0.975) -> tuple[float, str]:
+    """Student t quantile and how it was obtained (scipy, else the 95% table)."""
+    try:
+        from scipy import stats
+
+        return float(stats.t.ppf(q, df)), "scipy.stats.t.ppf"
+    except ImportError:
+        return t_table(df, q), "t table at floor(df), conservative"
+
+
+def t_table(df: float, q: float = 0.975) -> float:
+    """t_{0.975, df} from T_TABLE at the largest tabled df <= df: the textbook conservative
+    rule (a slightly wider interval for fractional Welch df; exact at tabled df)."""
+    if q != 0.975:
+        raise ValueError("the fallback t table holds only the 0.975 quantile (95% intervals)")
+    if not df >= 1:
+        raise ValueError(f"degrees of freedom must be >= 1; got {df}")
+    if df > 10 * max(T_TABLE):
+        return Z_975
+    return T_TABLE[max(k for k in T_TABLE if k <= df)]
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()) if v.size else None,
+            "std": float(v.std(ddof=1)) if v.size > 1 else None,
+            "n": int(v.size), "values": [float(x) for x in v]}
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """mean(b) - mean(a) with a 95% Welch-t interval (None when an arm has < 2 seeds)."""
+    a_, b_ = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = float(b_.mean() - a_.mean())
+    if a_.size < 2 or b_.size < 2:
+        return {"diff": diff, "ci95": None, "df": None, "method": "none: needs >= 2 seeds per arm"}
+    va, vb = a_.var(ddof=1) / a_.size, b_.var(ddof=1) / b_.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": diff, "ci95": [diff, diff], "df": None,
+                "method": "Welch t (zero variance: the interval is the point)"}
+    df = (va + vb) ** 2 / (va ** 2 / (a_.size - 1) + vb ** 2 / (b_.size - 1))
+    t, how = t_quantile(df)
+    return {"diff": diff, "ci95": [diff - t * se, diff + t * se], "df": float(df), "se": se,
+            "t": t, "method": f"Welch t, {how}"}
+
+
+def steps_to_match(curve_b: Sequence[tuple[int, float]], target: float, a_steps: int
+                   ) -> dict[str, Any]:
+    """When curve_b first reaches `target` (arm A's final val loss), as a ratio of A's steps.
+
+    Validation exists only at eval steps, so the crossing is interpolated linearly between the
+    last eval above the target and the first at or below it; reached at the very first eval,
+    only an upper bound is known.
+    """
+    pts = sorted(curve_b)
+    for i, (s, v) in enumerate(pts):
+        if v <= target:
+            if i == 0:
+                return {"step": float(s), "ratio": s / a_steps, "first_eval_step": s,
+                        "exact": False, "note": "reached at the first evaluation: an upper bound"}
+            s0, v0 = pts[i - 1]
+            step = s0 + (v0 - target) / (v0 - v) * (s - s0)
+            return {"step": step, "ratio": step / a_steps, "first_eval_step": s, "exact": True,
+                    "note": "interpolated between evaluations"}
+    last = pts[-1][0] if pts else None
+    return {"step": None, "ratio": None, "first_eval_step": None, "exact": False,
+            "note": f"not reached within {last} steps"}
+
+
+def curves(records: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
+
+
+def mean_curve(per_seed: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Mean over seeds at the steps every seed has."""
+    maps = [dict(c) for c in per_seed]
+    common = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
+    return [(s, float(np.mean([m[s] for m in maps]))) for s in common]
+
+
+def summarise(runs: Runs, steps: int, eval_every: int) -> dict[str, Any]:
+    """Statistics from {arm: {seed: metrics records}} (the first arm is the reference)."""
+    arms = list(runs)
+    finals: dict[str, dict[str, list[float]]] = {}
+    for arm, seeds in runs.items():
+        finals[arm] = {"val_loss": [], "val_bpb": []}
+        for seed, recs in seeds.items():
+            last = [r for r in recs if r["step"] == steps and r.get("val_loss") is not None]
+            if not last:
+                raise ValueError(f"run {run_name(arm, seed)} has no final val_loss at step "
+                                 f"{steps}: it is not finished")
+            finals[arm]["val_loss"].append(float(last[0]["val_loss"]))
+            finals[arm]["val_bpb"].append(float(last[0].get("val_bpb", float("nan"))))
+    summary: dict[str, Any] = {
+        "steps": steps, "eval_every": eval_every, "reference_arm": arms[0],
+        "arms": {a: {m: mean_std(v) for m, v in finals[a].items()} | {"seeds": list(runs[a])}
+                 for a in arms},
+        "gaps": [], "steps_to_match": [],
+        "notes": ["gap = mean(arm) - mean(reference); negative means the arm is better",
+                  "std is the sample std (ddof=1) over seeds",
+                  f"validation is measured every {eval_every} steps (and at the last); "
+                  "steps-to-match interpolates linearly between evaluations"]}
+    for b in arms[1:]:
+        for metric in ("val_loss", "val_bpb"):
+            summary["gaps"].append({"arm": b, "reference": arms[0], "metric": metric,
+                                    **welch(finals[arms[0]][metric], finals[b][metric])})
+    val_curves = {a: mean_curve([curves(r, "val_loss") for r in runs[a].values()]) for a in arms}
+    for a in arms:
+        for b in arms:
+            if a != b:
+                target = float(np.mean(finals[a]["val_loss"]))
+                summary["steps_to_match"].append(
+                    {"arm": b, "target_arm": a, "target_val_loss": target,
+                     **steps_to_match(val_curves[b], target, steps)})
+    return summary
+
+
+def to_markdown(summary: Mapping[str, Any]) -> str:
+    def pm(d: Mapping[str, Any]) -> str:
+        return f"{d['mean']:.4f}" + (f" ± {d['std']:.4f}" if d["std"] is not None else "")
+    lines = [f"## Arm comparison ({summary['steps']} steps, reference arm "
+             f"`{summary['reference_arm']}`)", "",
+             "| arm | seeds | final val loss (nats) | val bits/byte |", "|---|---|---|---|"]
+    for arm, d in summary["arms"].items():
+        lines.append(f"| {arm} | {d['val_loss']['n']} | {pm(d['val_loss'])} | {pm(d['val_bpb'])} |")
+    lines += ["", "| arm − reference | metric | gap | 95% CI | method |", "|---|---|---|---|---|"]
+    for g in summary["gaps"]:
+        ci = f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g["ci95"] else "-"
+        lines.append(f"| {g['arm']} − {g['reference']} | {g['metric']} | {g['diff']:+.4f} | "
+                     f"{ci} | {g['method']} |")
+    lines += ["", "| arm | reaches final val loss of | at step | × target arm's steps | note |",
+              "|---|---|---|---|---|"]
+    for m in summary["steps_to_match"]:
+        step = "-" if m["step"] is None else f"{m['step']:.0f}"
+        ratio = "-" if m["ratio"] is None else f"{m['ratio']:.2f}"
+        lines.append(f"| {m['arm']} | {m['target_arm']} ({m['target_val_loss']:.4f}) | {step} "
+                     f"| {ratio} | {m['note']} |")
+    lines += [""] + [f"- {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# -- plots ----------------------------------------------------------------------------------------
+def _two_panels(path: Path, titles: tuple[str, str], ylabel: str, draw: Any) -> None:
+    """A 1x2 figure saved as PNG; matplotlib's Figure API (no pyplot: no GUI, no global state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    draw(axes)
+    for ax, title in zip(axes, titles):
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_curves(runs: Runs, path: Path) -> None:
+    """Train and validation loss per arm: thin lines per seed, thick the seed mean."""
+    def draw(axes: Any) -> None:
+        for i, (arm, seeds) in enumerate(runs.items()):
+            for key, ax in (("loss", axes[0]), ("val_loss", axes[1])):
+                per_seed = [c for c in (curves(r, key) for r in seeds.values()) if c]
+                for c in per_seed:
+                    ax.plot(*zip(*c), color=f"C{i}", alpha=0.3, lw=0.8)
+                if m := mean_curve(per_seed):
+                    ax.plot(*zip(*m), color=f"C{i}", lw=2, label=arm,
+                            marker="o" if key == "val_loss" else None)
+    _two_panels(path, ("train loss", "validation loss"), "nats / token", draw)
+
+
+def plot_norms(runs: Runs, path: Path) -> None:
+    """Input-side matrix norm over steps: absolute, and relative to its first logged value."""
+    def draw(axes: Any) -> None:
+        for i, (arm, seeds) in enumerate(runs.items()):
+            for j, recs in enumerate(seeds.values()):
+                if c := curves(recs, "input_norm"):
+                    s, v = zip(*c)
+                    label = arm if j == 0 else None
+                    axes[0].plot(s, v, color=f"C{i}", label=label)
+                    axes[1].plot(s, np.asarray(v) / v[0], color=f"C{i}", label=label)
+    _two_panels(path, ("input-side norm (table V×d or projection C×d)",
+                       "norm drift (÷ first logged step)"), "Frobenius norm", draw)
+
+
+def report(out: str | Path, arms: Sequence[str], seeds: Sequence[int],
+           cfg: ml_collections.ConfigDict, extra: Mapping[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """Read every run's metrics, write summary.{md,json} and the plots; returns the summary."""
+    out = Path(out)
+    runs = {a: {s: read_metrics(out / run_name(a, s) / "metrics.jsonl") for s in seeds}
+            for a in arms}
+    summary = summarise(runs, int(cfg.train.steps), int(cfg.train.eval_every))
+    summary.update(dict(extra or {}))
+    plot_curves(runs, out / "loss_curves.png")
+    plot_norms(runs, out / "norm_drift.png")
+    summary["plots"] = ["loss_curves.png", "norm_drift.png"]
+    md = to_markdown(summary)
+    (out / "summary.md").write_text(md, encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    log.info("report (re)written from the runs' metrics: %s/summary.{md,json}, *.png", out)
+    summary["markdown"] = md
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m kronjax.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(config_lib.DEFAULT_CONFIG))
+    parser.add_argument("--arms", default="bpe_tied,kron",
+                        help="comma-separated; the first is the reference")
+    parser.add_argument("--seeds", default="3", help="a count (0..N-1) or a list like 0,4,7")
+    parser.add_argument("--out", required=True, help="directory for the runs and the report")
+    parser.add_argument("--report-only", action="store_true", help="do not train; report only")
+    try:
+        overrides, rest = config_lib.parse_overrides(argv)
+    except config_lib.ConfigError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("kronjax").setLevel(logging.INFO)  # even where a library set up logging
+    try:
+        arms, seeds = parse_arms(args.arms), parse_seeds(args.seeds)
+        cfg = config_lib.build_config(args.config, overrides)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.report_only:
+            for a in arms:
+                for s in seeds:
+                    check_run_dir(out / run_name(a, s), run_config(cfg, a, s))
+        status = {} if args.report_only else run_all(cfg, arms, seeds, out)
+        if "preempted" in status.values():
+            return 0
+        summary = report(out, arms, seeds, cfg, {"config": args.config,
+                                                 "overrides": [list(o) for o in overrides],
+                                                 "runs": status})
+    except (ValueError, FileNotFoundError) as e:
+        print(f"python -m kronjax.compare: error: {e}", file=sys.stderr)
+        return 1
+    print(summary["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
