@@ -92,12 +92,15 @@ class KroneckerEmbed(nn.Module):
         lengths = jnp.asarray(self.vocab.lengths, jnp.int32)[ids]
         return rows, lengths
 
-    def _embed_rows(self, rows_NxP: jax.Array, lengths_N: jax.Array) -> jax.Array:
+    def _embed_rows(self, rows_NxP: jax.Array, lengths_N: jax.Array,
+                    valid_N: Optional[jax.Array] = None) -> jax.Array:
+        """Rows -> (N, F); where valid_N is false, NaN (fused into the sparse kernel)."""
         w = jnp.asarray(self.projection)
         if self.mode == "bytes":
             z = codec.codec_vectors(rows_NxP, lengths_N)
-            return z @ w.astype(jnp.float32)
-        return codec.closed_form(w, rows_NxP, lengths_N)
+            out = z @ w.astype(jnp.float32)
+            return out if valid_N is None else jnp.where(valid_N[:, None], out, jnp.nan)
+        return codec.closed_form(w, rows_NxP, lengths_N, valid_N=valid_N)
 
     def __call__(self, ids: jax.Array, override: Optional[ByteOverride] = None) -> jax.Array:
         """ids (...) int -> (..., features). `override` swaps chosen positions' bytes."""
@@ -105,9 +108,18 @@ class KroneckerEmbed(nn.Module):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"KroneckerEmbed takes integer ids; got {ids.dtype}")
         flat = ids.reshape(-1)
-        if self.mode == "dense" and override is None:
+        # Ids outside the vocabulary embed to NaN, as nn.Embed's lookup does, rather than
+        # silently reading a clamped row (an unpadded vocabulary would train on wrong input).
+        in_range = (flat >= 0) & (flat < self.vocab.vocab_size)
+        if self.mode == "sparse" and override is None:
+            # the kernel gathers each block's byte rows itself and applies the NaN mask in
+            # its loops: no (N, P) rows, no extra (N, F) pass or buffer
+            out = codec.closed_form(jnp.asarray(self.projection), self.vocab.rows,
+                                    self.vocab.lengths, ids_N=flat)
+        elif self.mode == "dense" and override is None:
             table_VxD = jnp.asarray(_dense_table(self.vocab))
             out = table_VxD[flat] @ jnp.asarray(self.projection).astype(jnp.float32)
+            out = jnp.where(in_range[:, None], out, jnp.nan)
         else:
             rows, lengths = self._rows(flat)
             if override is not None:
@@ -115,11 +127,7 @@ class KroneckerEmbed(nn.Module):
                 mask = o_mask.reshape(-1)
                 rows = jnp.where(mask[:, None], o_rows.reshape(-1, rows.shape[-1]), rows)
                 lengths = jnp.where(mask, o_len.reshape(-1).astype(jnp.int32), lengths)
-            out = self._embed_rows(rows, lengths)
-        # Ids outside the vocabulary embed to NaN, as nn.Embed's lookup does, rather than
-        # silently reading a clamped row (an unpadded vocabulary would train on wrong input).
-        in_range = (flat >= 0) & (flat < self.vocab.vocab_size)
-        out = jnp.where(in_range[:, None], out, jnp.nan)
+            out = self._embed_rows(rows, lengths, in_range)
         return out.reshape(ids.shape + (self.features,)).astype(self.dtype or jnp.float32)
 
     def embed_bytes(self, rows_NxP: jax.Array, lengths_N: jax.Array) -> jax.Array:
