@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from torch_ref import HAS_TORCH_REF, needs_torch
 from kronjax import ByteVocab, KroneckerEmbed
 from kronjax.interop import InteropError, export_safetensors, import_safetensors
 
@@ -19,15 +19,6 @@ WORDS = [b"", b"the", b" the", b"\x00", b"\x00\x00a", b"\xff\xfe", b"\xe2\x82",
          "naïve".encode(), "日本語です".encode(), b"abcdefghijklmnop", "€".encode() * 5]
 
 
-def _importable(*names: str) -> bool:
-    try:
-        return all(importlib.util.find_spec(n) is not None for n in names)
-    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
-        return False
-
-
-HAS_TORCH_REF = _importable("torch", "kronecker_embeddings")
-needs_torch = pytest.mark.skipif(not HAS_TORCH_REF, reason="needs torch and kronecker-embeddings")
 
 
 @pytest.fixture(scope="module")

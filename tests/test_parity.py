@@ -9,7 +9,6 @@ these are tight enough to reject plausible wrong normalisations.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from torch_ref import HAS_TORCH_REF
 from kronjax import ByteVocab, KroneckerEmbed, closed_form, codec_table, codec_vectors
 from kronjax import encode_bytes, reference_codec
 from kronjax.codec import EPS
@@ -28,14 +28,6 @@ Z_ATOL = 1e-5
 E_RTOL = 1e-4
 
 
-def _importable(*names: str) -> bool:
-    try:
-        return all(importlib.util.find_spec(n) is not None for n in names)
-    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
-        return False
-
-
-HAS_TORCH_REF = _importable("torch", "kronecker_embeddings")
 
 
 def _load() -> dict[int, dict[str, np.ndarray]]:
