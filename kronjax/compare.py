@@ -31,6 +31,8 @@ from kronjax.model import ARMS
 
 log = logging.getLogger("kronjax.compare")
 IGNORED_KEYS = ("train.progress",)  # may differ between invocations without changing a run
+# Where a run executes (mesh layout, process setup) does not change what it computes.
+IGNORED_PREFIXES = ("mesh.", "dist.")
 # Two-sided 95% Student t quantiles t_{0.975, df}; used only when scipy is missing.
 T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
            9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
@@ -120,7 +122,8 @@ def config_diff(cfg: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> lis
     """Keys whose values differ between a config and a run's saved config.json."""
     new = _flat(json.loads(config_lib.to_json(cfg)))
     old = _flat(saved)
-    keys = sorted((set(new) | set(old)) - set(IGNORED_KEYS))
+    keys = sorted(k for k in (set(new) | set(old)) - set(IGNORED_KEYS)
+                  if not k.startswith(IGNORED_PREFIXES))
     return [k for k in keys if new.get(k, "<absent>") != old.get(k, "<absent>")]
 
 

