@@ -17,12 +17,14 @@ Three implementations, all exact against the authors' PyTorch package:
 - `codec_vectors`: the dense on-the-fly computation in JAX (the paper's runtime variant).
 - `closed_form`: L row gathers and one shared column sum; no V x D table, no N x D intermediate.
   Blocked loops with a hand-written VJP (scatter-add into W's (256, P, F) slabs), so that
-  on CPU its forward+backward beats `nn.Embed`'s (whose gradient is a dense V x F).
+  on CPU its forward+backward beats `nn.Embed`'s (whose gradient is a dense V x F); on GPU
+  and TPU all tokens form one block (no sequential loop: XLA fuses the gathers there).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +125,11 @@ def codec_table(rows_VxP: np.ndarray, lengths_V: np.ndarray, eps: float = EPS,
     return np.concatenate(parts, axis=0)
 
 
-_BLOCK = 128  # tokens per block of the fused loops (a 128 x F block stays in L2); 64-512
-#              measured alike on a 2-core CPU
+_BLOCK = 128  # tokens per block of the fused loops on CPU (a 128 x F block stays in L2);
+#              64-512 measured alike on a 2-core CPU. None: all tokens in one block.
+_ACCELERATOR_BLOCK: int | None = None  # GPU/TPU: one block, i.e. no sequential loop: XLA
+#              fuses the P gathers into one kernel there, and a loop of small blocks would
+#              cost a few kernel launches per block.
 
 
 def _check_projection(w_DxF: jax.Array, pos_dim: int) -> None:
@@ -142,9 +147,9 @@ def _coefficients(lengths_N: jax.Array, pos_dim: int, eps: float, normalise: boo
     return ones, jnp.zeros_like(ones), ones
 
 
-def _blocks(n: int) -> tuple[int, int]:
+def _blocks(n: int, block: int | None) -> tuple[int, int]:
     """(block size, number of blocks) covering n tokens; the last block may be padding."""
-    block = max(1, min(_BLOCK, n))
+    block = max(1, n if block is None else min(block, n))
     return block, -(-n // block)
 
 
@@ -164,10 +169,10 @@ class _Tokens:
     """
 
     def __init__(self, rows: jax.Array, lengths: jax.Array, ids: jax.Array | None,
-                 valid: jax.Array | None):
+                 valid: jax.Array | None, block: int | None):
         self.pos_dim = rows.shape[-1]
         self.n = rows.shape[0] if ids is None else ids.shape[0]
-        self.block, n_blocks = _blocks(self.n)
+        self.block, n_blocks = _blocks(self.n, block)
         self.total = self.block * n_blocks
         self.n_blocks = n_blocks if self.n else 0
         self.ids = None if ids is None else _pad_tokens(ids.astype(jnp.int32), self.total)
@@ -274,23 +279,42 @@ def _project_bwd_impl(ct_NxF: jax.Array, tokens: _Tokens, eps: float,
     return dw_CxPxF.reshape(codec_dim(pos_dim), f)
 
 
+def _per_platform(run: Any) -> jax.Array:
+    """run(block) with the CPU block size on CPU and _ACCELERATOR_BLOCK elsewhere.
+
+    `lax.platform_dependent`, not the default backend, picks: a step compiled ahead of time
+    for another platform (a TPU dry run on a CPU host) gets that platform's variant. Every
+    variant computes each token's output by the same operations (the compiled code may round
+    them differently, by an ulp); the backward's sums are merely grouped differently.
+    """
+    if _BLOCK == _ACCELERATOR_BLOCK:
+        return run(_BLOCK)
+    return jax.lax.platform_dependent(cpu=lambda: run(_BLOCK),
+                                      default=lambda: run(_ACCELERATOR_BLOCK))
+
+
+def _forward(w_DxF, rows, lengths, ids_N, valid_N, eps, normalise):
+    return _per_platform(lambda block: _project_fwd_impl(
+        w_DxF, _Tokens(rows, lengths, ids_N, valid_N, block), eps, normalise))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _project(w_DxF: jax.Array, rows: jax.Array, lengths: jax.Array, ids_N: jax.Array | None,
              valid_N: jax.Array | None, eps: float, normalise: bool) -> jax.Array:
     """The closed form (normalise) or the plain gather-sum, with a hand-written VJP in W."""
-    tokens = _Tokens(rows, lengths, ids_N, valid_N)
-    return _project_fwd_impl(w_DxF, tokens, eps, normalise)
+    return _forward(w_DxF, rows, lengths, ids_N, valid_N, eps, normalise)
 
 
 def _project_fwd(w_DxF, rows, lengths, ids_N, valid_N, eps, normalise):
-    out = _project_fwd_impl(w_DxF, _Tokens(rows, lengths, ids_N, valid_N), eps, normalise)
+    out = _forward(w_DxF, rows, lengths, ids_N, valid_N, eps, normalise)
     # residuals: the integer inputs only (W is not needed: the map is linear in W)
     return out, (rows, lengths, ids_N, valid_N, jnp.zeros((0,), w_DxF.dtype))
 
 
 def _project_bwd(eps, normalise, res, ct_NxF):
     rows, lengths, ids_N, valid_N, dtype_tag = res
-    dw = _project_bwd_impl(ct_NxF, _Tokens(rows, lengths, ids_N, valid_N), eps, normalise)
+    dw = _per_platform(lambda block: _project_bwd_impl(
+        ct_NxF, _Tokens(rows, lengths, ids_N, valid_N, block), eps, normalise))
     return dw.astype(dtype_tag.dtype), None, None, None, None
 
 
