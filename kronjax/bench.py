@@ -49,8 +49,9 @@ isolates the input side (and kron_tied's against bpe_tied the tied head). tokens
 context / median; MFU = tokens/s x flops/token (6N + 12 L H K T) / (devices x peak) where
 kronjax.metrics knows the device's peak. Memory per device from the compiled step's
 memory_analysis (temp, arguments, outputs; peak = arguments + non-donated outputs + temp;
-XLA's own peak figure beside it where reported). --torch adds nanoGPT's model in PyTorch (eager fp32, tied
-nn.Embedding; the authors' KroneckerEmbedding with its own head) at the same shape.
+XLA's own peak figure beside it where reported). --torch adds nanoGPT's model in PyTorch
+(eager fp32, tied nn.Embedding; the authors' KroneckerEmbedding with its own head) at the same
+shape.
 """
 
 EMBED_BASELINE = "nn.Embed"
@@ -620,7 +621,8 @@ def torch_step_arms(mcfg: Any, vocab: Any, cfg: Any, inputs_BxT: np.ndarray,
             super().__init__()
             self.ln_1, self.ln_2 = nn.LayerNorm(d, bias=bias), nn.LayerNorm(d, bias=bias)
             self.c_attn, self.attn_proj = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias)
-            self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
+            self.c_fc = nn.Linear(d, 4 * d, bias=bias)
+            self.mlp_proj = nn.Linear(4 * d, d, bias=bias)
             self.gelu = nn.GELU()
 
         def forward(self, x: Any) -> Any:
@@ -763,9 +765,9 @@ def _step_targets(by_name: dict[str, dict[str, Any]]) -> dict[str, Any]:
         value = kron["memory"]["peak"] / base["memory"]["peak"]
         out["kron_vs_bpe_untied_peak_memory"] = {"value": value, "target": "<= 1.0",
                                                  "met": value <= 1.0}
-    for key, (a, b, limit) in {"bpe_tied_vs_torch_bpe_tied_speed": ("torch bpe_tied", "bpe_tied", 1.0),
-                               "kron_vs_torch_kron_speed": ("torch kron (ref)", "kron", 1.25)
-                               }.items():
+    for key, (a, b, limit) in {
+            "bpe_tied_vs_torch_bpe_tied_speed": ("torch bpe_tied", "bpe_tied", 1.0),
+            "kron_vs_torch_kron_speed": ("torch kron (ref)", "kron", 1.25)}.items():
         if (value := ratio(a, b)) is not None:
             out[key] = {"value": value, "target": f">= {limit}", "met": value >= limit}
     return out
@@ -786,9 +788,9 @@ def format_step_table(result: dict[str, Any]) -> str:
          f"time / time(bpe_untied); memory: XLA memory_analysis per device, MiB (peak = "
          f"args + outputs not donated + temp; XLA peak: XLA's own figure)"),
         "",
-        f"{'arm':<17} {'median ms':>10} {'IQR ms':>8} {'x untied':>9} {'tokens/s':>10} "
-        f"{'MFU':>6} {'temp MiB':>9} {'args MiB':>9} {'out MiB':>8} {'peak MiB':>9} "
-        f"{'XLA peak':>9}  note",
+        f"{'arm':<17} {'median ms':>10} {'IQR ms':>8} {'min ms':>8} {'x untied':>9} "
+        f"{'tokens/s':>10} {'MFU':>6} {'temp MiB':>9} {'args MiB':>9} {'out MiB':>8} "
+        f"{'peak MiB':>9} {'XLA peak':>9}  note",
     ]
 
     def fmt(x: float | None, spec: str) -> str:
@@ -802,6 +804,7 @@ def format_step_table(result: dict[str, Any]) -> str:
         m = r["memory"]
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         lines.append(f"{r['arm']:<17} {r['median_ms']:>10.2f} {r['iqr_ms']:>8.2f} "
+                     f"{r['min_ms']:>8.2f} "
                      f"{fmt(r['ratio_vs_bpe_untied'], '>9.3f')} "
                      f"{fmt(r['tokens_per_s'], '>10.0f')} {fmt(mfu, '>5.1f')}"
                      f"{'%' if mfu is not None else ' '} "
