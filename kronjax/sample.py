@@ -24,7 +24,7 @@ from kronjax import data as data_lib
 from kronjax.embed import ByteOverride
 from kronjax.model import GPT
 from kronjax.tokenizers import Tokenizer
-from kronjax.train import init_state, model_config, data_dir_for
+from kronjax.train import data_dir_for, init_state, model_config, model_vocab
 from kronjax import optim
 
 OOV_MARK = "{oov}"
@@ -51,7 +51,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> Loaded:
     ddir = data_dir_for(cfg)
     tokenizer = data_lib.load_tokenizer_for(ddir)
     mcfg = model_config(cfg, tokenizer.vocab_size)
-    vocab = tokenizer.byte_vocab(mcfg.pos_dim).pad_to(mcfg.vocab_size) if mcfg.is_kron else None
+    vocab = model_vocab(mcfg, tokenizer)
     model = GPT(mcfg, vocab)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", save_every=1)
     try:

@@ -86,6 +86,11 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> GPTCon
     return GPTConfig.from_config(fields, padded_vocab_size(tokenizer_vocab, multiple))
 
 
+def model_vocab(mcfg: GPTConfig, tokenizer: Any) -> ByteVocab | None:
+    """The codec's byte rows, padded to the model's vocabulary; None for the table arms."""
+    return tokenizer.byte_vocab(mcfg.pos_dim).pad_to(mcfg.vocab_size) if mcfg.is_kron else None
+
+
 def run_meta(cfg: ml_collections.ConfigDict, mcfg: GPTConfig, vocab: ByteVocab | None,
              data_meta: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed (plus the resolved config)."""
@@ -325,7 +330,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: Callable[[], boo
     data_meta = data_lib.load_meta(ddir)
     tokenizer = data_lib.load_tokenizer_for(ddir)
     mcfg = model_config(cfg, tokenizer.vocab_size)
-    vocab = (tokenizer.byte_vocab(mcfg.pos_dim).pad_to(mcfg.vocab_size) if mcfg.is_kron else None)
+    vocab = model_vocab(mcfg, tokenizer)
     model = GPT(mcfg, vocab)
     meta = run_meta(cfg, mcfg, vocab, data_meta)
     tx, schedule = optim.from_config(cfg)
