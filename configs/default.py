@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.steps = 250             # 250 x 32 x 128 = 1.0M tokens, ~0.6 epoch
     cfg.train.batch_size = 32             # global sequences per optimizer step
     cfg.train.grad_accum = 1              # micro-batches per step (lax.scan)
+    cfg.train.ce_chunk = 512              # head + cross-entropy fused over ~512-token chunks
+                                          # (no B x T x V logits); 0 = materialise the logits
     cfg.train.eval_every = 50
     cfg.train.checkpoint_every = 125
     cfg.train.log_every = 10

@@ -885,9 +885,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _arm_list(text: str) -> list[str]:
     arms = [a.strip() for a in text.split(",") if a.strip()]
-    if not arms or (bad := [a for a in arms if a not in STEP_ARMS]):
+    bad = [a for a in arms if a not in STEP_ARMS]
+    if not arms or bad:
+        unknown = f" ({', '.join(bad)} unknown)" if bad else ""
         raise argparse.ArgumentTypeError(f"arms must be a comma-separated list of "
-                                         f"{', '.join(STEP_ARMS)}; got {text!r}")
+                                         f"{', '.join(STEP_ARMS)}; got {text!r}{unknown}")
     return arms
 
 

@@ -147,6 +147,7 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
                                    "opt_state": sharding.shard_bytes(plan.abstract["opt_state"])},
         "micro_batch": list(plan.micro_shape), "compile_s": round(seconds, 1),
         "vocab_parallel_ce": use_vocab_parallel_ce(cfg, plan.mesh),
+        "ce_chunk_tokens": plan.ce_chunk,
     }
     if mem is not None:
         fields = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
@@ -161,8 +162,11 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
     out("params: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     sb = report["state_bytes_per_device"]
     out(f"state per device: params {_gib(sb['params'])}, opt_state {_gib(sb['opt_state'])}")
+    fused = (f"head + cross-entropy fused in {report['ce_chunk_tokens']}-token chunks"
+             if report["ce_chunk_tokens"] else "logits materialised")
     out(f"step: {a} micro-batch(es) of {bm} x {t} tokens (global batch {a * bm}); "
-        f"vocab-parallel cross-entropy {report['vocab_parallel_ce']}; compiled in {seconds:.1f} s")
+        f"vocab-parallel cross-entropy {report['vocab_parallel_ce']}; {fused}; "
+        f"compiled in {seconds:.1f} s")
     if mem is None:
         out("memory_analysis: not available on this backend")
     else:

@@ -20,9 +20,8 @@ softmax and the returned logits are float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -31,11 +30,12 @@ import numpy as np
 import optax
 
 from kronjax.embed import MODES, ByteOverride, KroneckerEmbed
+from kronjax.layers import (INIT_STD, LN_EPS, LayerNorm, Linear, causal_attention, gelu,
+                            partitioned)
+from kronjax.loss import fused_cross_entropy
 from kronjax.vocab import ByteVocab
 
 ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
-INIT_STD = 0.02
-LN_EPS = 1e-5
 KRON_TIED_LOGIT_SCALE = INIT_STD  # see GPT.head: matches bpe_tied's logit scale at init
 LOGICAL_AXES = ("vocab", "embed", "codec", "position", "heads", "kv", "mlp", "norm")
 
@@ -110,168 +110,9 @@ class GPTConfig:
         return self.arm in ("bpe_tied", "kron_tied")
 
 
-def _partitioned(init: Any, names: Sequence[Optional[str]]) -> Any:
-    return nn.with_logical_partitioning(init, tuple(names))
-
-
-class Linear(nn.Module):
-    """y = x . W (+ b) contracting x's last len(in_shape) axes; W has explicit logical names."""
-
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    names: tuple[Optional[str], ...]  # for in_shape + out_shape
-    std: float = INIT_STD
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = len(self.in_shape)
-        kernel = self.param("kernel", _partitioned(nn.initializers.normal(self.std), self.names),
-                            self.in_shape + self.out_shape, self.param_dtype)
-        # One 2-D matmul (N, In) @ (In, Out), leading axes flattened: contracting several
-        # axes of a 3-D activation makes XLA's CPU backend transpose the (N, Out) cotangent
-        # for the weight gradient in a slow strided copy (2.5x the whole MLP backward).
-        lead = x.shape[:x.ndim - n_in]
-        size_in, size_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        y = jnp.dot(x.reshape((-1, size_in)).astype(self.dtype),
-                    kernel.reshape((size_in, size_out)).astype(self.dtype))
-        y = y.reshape(lead + self.out_shape)
-        if self.use_bias:
-            bias = self.param("bias", _partitioned(nn.initializers.zeros, self.names[n_in:]),
-                              self.out_shape, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU as PyTorch's nn.GELU() computes it: x/2 * (1 + erf(x/sqrt(2))),
-    in float32 inside (one fused elementwise op; 1 + erf would cancel in bfloat16).
-
-    The same function as jax.nn.gelu(approximate=False), whose erfc form costs XLA:CPU 15%
-    more forward and backward.
-    """
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: Optional[jax.Array], eps: float
-               ) -> jax.Array:
-    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, statistics in float32
-    (two-pass variance, as PyTorch: no E[x^2] - E[x]^2 cancellation); result in x's dtype.
-
-    The hand-written VJP is PyTorch's fused LayerNorm backward: it keeps x, the mean and 1/std
-    and does not materialise broadcasts of the statistics, as autodiff's does on XLA:CPU.
-    """
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, eps):
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    centred = x32 - mean
-    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-    y = centred * rstd * scale.astype(x32.dtype)
-    if bias is not None:
-        y = y + bias.astype(x32.dtype)
-    # residuals: x itself (alive anyway: the residual stream) and the per-row statistics
-    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
-
-
-def _layer_norm_bwd(eps, res, g):
-    x, mean, rstd, scale, bias = res
-    f32 = rstd.dtype
-    g32, xhat32 = g.astype(f32), (x.astype(f32) - mean) * rstd
-    batch_axes = tuple(range(g.ndim - 1))
-    d_scale = jnp.sum(g32 * xhat32, axis=batch_axes).astype(scale.dtype)
-    d_bias = None if bias is None else jnp.sum(g32, axis=batch_axes).astype(bias.dtype)
-    dxhat = g32 * scale.astype(f32)
-    dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-                 - xhat32 * jnp.mean(dxhat * xhat32, axis=-1, keepdims=True))
-    return dx.astype(g.dtype), d_scale, d_bias
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-class LayerNorm(nn.Module):
-    """nn.LayerNorm's params ("scale", "bias") and result, computed by `layer_norm`: two-pass
-    variance and a fused backward, half flax's time forward and backward on XLA:CPU."""
-
-    epsilon: float = LN_EPS
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        scale = self.param("scale", _partitioned(nn.initializers.ones, ("norm",)), (d,),
-                           self.param_dtype)
-        bias = (self.param("bias", _partitioned(nn.initializers.zeros, ("norm",)), (d,),
-                           self.param_dtype) if self.use_bias else None)
-        return layer_norm(x, scale, bias, float(self.epsilon)).astype(self.dtype)
-
-
 def _layer_norm(c: GPTConfig, name: str) -> LayerNorm:
     return LayerNorm(epsilon=LN_EPS, use_bias=c.bias, dtype=c.dtype, param_dtype=c.param_dtype,
                      name=name)
-
-
-@jax.custom_vjp
-def softmax(x: jax.Array) -> jax.Array:
-    """jax.nn.softmax over the last axis, with the VJP y * (g - sum(g * y)) on the saved
-    output: autodiff of jax.nn.softmax makes XLA:CPU materialise a broadcast of the
-    normaliser per attention map (10% of attention's time, and its memory)."""
-    e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-    return e / jnp.sum(e, axis=-1, keepdims=True)
-
-
-def _softmax_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    y = softmax(x)
-    return y, y
-
-
-def _softmax_bwd(y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
-ATTENTION_CHUNK = 64  # queries per block of causal_attention, at most MAX_CHUNKS blocks
-MAX_CHUNKS = 4
-
-
-def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
-                     dtype: Any, dropout: Callable[[jax.Array], jax.Array] = lambda a: a
-                     ) -> jax.Array:
-    """softmax(q k^T / sqrt(K), causal) v, scores and softmax in float32: y_BxTxHxK.
-
-    The queries go in up to MAX_CHUNKS blocks, block i attending to keys [0, end_i) only:
-    the masked upper triangle is mostly not computed (4 blocks: 10/16 of the products), as
-    PyTorch's fused attention skips it. Per query it is the same sum (masked scores are
-    exact zeros after the softmax). The second product runs heads-major, 12% faster on
-    XLA:CPU than contracting into (b, t, h, k) directly.
-    """
-    t, k = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
-    n_chunks = max(1, min(MAX_CHUNKS, t // ATTENTION_CHUNK))
-    size = -(-t // n_chunks)
-    v_BxHxTxK = jnp.swapaxes(v_BxTxHxK, 1, 2)
-    outs = []
-    for start in range(0, t, size):
-        end = min(start + size, t)  # queries [start, end) see keys [0, end)
-        att_BxHxQxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK[:, start:end], k_BxTxHxK[:, :end],
-                                 preferred_element_type=jnp.float32) / math.sqrt(k)
-        causal_QxS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        att_BxHxQxS = jnp.where(causal_QxS, att_BxHxQxS, jnp.finfo(jnp.float32).min)
-        att_BxHxQxS = dropout(softmax(att_BxHxQxS))
-        outs.append(jnp.einsum("bhts,bhsk->bhtk", att_BxHxQxS.astype(dtype),
-                               v_BxHxTxK[:, :, :end]))
-    y_BxHxTxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-    return jnp.swapaxes(y_BxHxTxK, 1, 2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -345,7 +186,7 @@ class GPT(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        emb_init = _partitioned(nn.initializers.normal(INIT_STD), ("vocab", "embed"))
+        emb_init = partitioned(nn.initializers.normal(INIT_STD), ("vocab", "embed"))
         if c.is_kron:
             if self.vocab is None:
                 raise ValueError(f"arm {c.arm!r} needs a ByteVocab (vocab=...)")
@@ -361,7 +202,7 @@ class GPT(nn.Module):
             self.wte = nn.Embed(c.vocab_size, c.n_embd, embedding_init=emb_init, dtype=c.dtype,
                                 param_dtype=c.param_dtype)
         self.wpe = nn.Embed(c.block_size, c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype,
-                            embedding_init=_partitioned(nn.initializers.normal(INIT_STD),
+                            embedding_init=partitioned(nn.initializers.normal(INIT_STD),
                                                         ("position", "embed")))
         self.drop = nn.Dropout(c.dropout)
         self.h = [Block(c) for _ in range(c.n_layer)]
@@ -418,16 +259,8 @@ class GPT(nn.Module):
 
         table_VxD (kron_tied only): the codec table K @ W if the caller already has it.
         """
-        arm = self.config.arm
-        if arm == "bpe_tied":
-            logits = _attend(h_BxTxD, self.wte.embedding, self.config.dtype)
-        elif arm == "kron_tied":
-            # K @ W has unit-scale entries (z rows have norm sqrt(C), W std 1/sqrt(C)), 50x
-            # nanoGPT's 0.02 table: a fixed factor gives the tied baseline's init logit scale.
-            # Applied to the V x D table (computed once per forward by the closed form), not
-            # to the N x V logits: a pass over the logits less, forward and backward.
-            table_VxD = self.kron.table() if table_VxD is None else table_VxD
-            logits = _attend(h_BxTxD, table_VxD * KRON_TIED_LOGIT_SCALE, self.config.dtype)
+        if self.config.is_tied:
+            logits = _attend(h_BxTxD, self.head_weight(table_VxD)[0], self.config.dtype)
         else:
             logits = self.lm_head(h_BxTxD)
         return logits.astype(jnp.float32)
@@ -445,6 +278,36 @@ class GPT(nn.Module):
         x_BxTxD = self.embed(ids_BxT, train=train, override=override, table_VxD=table_VxD)
         return self.from_embeddings(x_BxTxD, train=train, return_hidden=return_hidden,
                                     table_VxD=table_VxD)
+
+    def head_weight(self, table_VxD: Optional[jax.Array] = None) -> tuple[jax.Array, bool]:
+        """The head's matrix and whether it is vocabulary-major: (V, D) tied tables (kron_tied:
+        the codec table, scaled as in `head`), else the (D, V) `lm_head` kernel."""
+        arm = self.config.arm
+        if arm == "bpe_tied":
+            return self.wte.embedding, True
+        if arm == "kron_tied":
+            # K @ W has unit-scale entries (z rows have norm sqrt(C), W std 1/sqrt(C)), 50x
+            # nanoGPT's 0.02 table: a fixed factor gives the tied baseline's init logit scale.
+            # Applied to the V x D table (computed once per forward by the closed form), not
+            # to the N x V logits: a pass over the logits less, forward and backward.
+            table_VxD = self.kron.table() if table_VxD is None else table_VxD
+            return table_VxD * KRON_TIED_LOGIT_SCALE, True
+        if self.is_initializing():  # create lm_head's kernel
+            self.lm_head(jnp.zeros((1, self.config.n_embd), self.config.dtype))
+        return nn.meta.unbox(self.lm_head.variables["params"]["kernel"]), False
+
+    def loss(self, ids_BxT: jax.Array, targets_BxT: jax.Array, *, train: bool = False,
+             chunk_tokens: int = 512) -> jax.Array:
+        """Mean next-token loss (nats, float32) with the head and cross-entropy fused in chunks
+        of about chunk_tokens tokens (kronjax.loss): the same value and gradients as
+        cross_entropy(self(ids), targets), without the B x T x V logits."""
+        table_VxD = self.kron.table() if self.config.arm == "kron_tied" else None
+        x_BxTxD = self.embed(ids_BxT, train=train, table_VxD=table_VxD)
+        for block in self.h:
+            x_BxTxD = block(x_BxTxD, train)
+        w, vocab_major = self.head_weight(table_VxD)
+        return fused_cross_entropy(self.ln_f(x_BxTxD), w, targets_BxT, vocab_major=vocab_major,
+                                   chunk_tokens=chunk_tokens, dtype=self.config.dtype)
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:

@@ -118,10 +118,18 @@ CrossEntropy = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def loss_fn(params: Any, model: GPT, batch: Batch, rng: jax.Array, train: bool, *,
-            ce: CrossEntropy = cross_entropy, interceptor: Callable[..., Any] | None = None
-            ) -> jax.Array:
-    """Mean loss; `interceptor` (a flax method interceptor) may pin activation shardings."""
+            ce: CrossEntropy = cross_entropy, interceptor: Callable[..., Any] | None = None,
+            ce_chunk: int = 0) -> jax.Array:
+    """Mean loss; `interceptor` (a flax method interceptor) may pin activation shardings.
+
+    ce_chunk > 0: the head and cross-entropy fused in chunks of about that many tokens
+    (GPT.loss; no B x T x V logits, `ce` unused); 0: logits, then `ce`.
+    """
     with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
+        if ce_chunk > 0:
+            return model.apply({"params": params}, batch["inputs"], batch["targets"],
+                               train=train, chunk_tokens=ce_chunk, method=GPT.loss,
+                               rngs={"dropout": rng})
         logits = model.apply({"params": params}, batch["inputs"], train=train,
                              rngs={"dropout": rng})
     return ce(logits, batch["targets"])
@@ -129,16 +137,18 @@ def loss_fn(params: Any, model: GPT, batch: Batch, rng: jax.Array, train: bool, 
 
 def train_step(state: State, batch_AxBxT: Batch, rng: jax.Array, *, model: GPT,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               ce: CrossEntropy = cross_entropy, interceptor: Callable[..., Any] | None = None
-               ) -> tuple[State, dict[str, jax.Array]]:
+               ce: CrossEntropy = cross_entropy, interceptor: Callable[..., Any] | None = None,
+               ce_chunk: int = 0) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step over A micro-batches, gradients accumulated by lax.scan.
 
     `ce` maps (logits, targets) to the mean loss: model.cross_entropy, or a mesh-aware one
     from kronjax.sharding (vocabulary-parallel under shard_map when the head is split);
-    `interceptor` pins activation shardings (kronjax.sharding.activation_interceptor).
+    `interceptor` pins activation shardings (kronjax.sharding.activation_interceptor);
+    `ce_chunk`: see loss_fn.
     """
     params = state["params"]
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, ce=ce, interceptor=interceptor))
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, ce=ce, interceptor=interceptor,
+                                                   ce_chunk=ce_chunk))
     step_rng = jax.random.fold_in(rng, state["step"])
     n_micro = batch_AxBxT["inputs"].shape[0]
 
@@ -162,9 +172,9 @@ def train_step(state: State, batch_AxBxT: Batch, rng: jax.Array, *, model: GPT,
 
 
 def eval_step(params: Any, batch: Batch, *, model: GPT, ce: CrossEntropy = cross_entropy,
-              interceptor: Callable[..., Any] | None = None) -> jax.Array:
+              interceptor: Callable[..., Any] | None = None, ce_chunk: int = 0) -> jax.Array:
     return loss_fn(params, model, batch, jax.random.key(0), False, ce=ce,
-                   interceptor=interceptor)
+                   interceptor=interceptor, ce_chunk=ce_chunk)
 
 
 def split_micro(batch: dict[str, np.ndarray], n_micro: int) -> dict[str, np.ndarray]:
@@ -201,6 +211,15 @@ def use_vocab_parallel_ce(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     raise ValueError(f"mesh.vocab_parallel_ce must be 'auto', True or False; got {value!r}")
 
 
+def ce_chunk_tokens(cfg: ml_collections.ConfigDict) -> int:
+    """train.ce_chunk: tokens per chunk of the fused head + cross-entropy, 0 = unfused."""
+    value = _section(cfg, "train").get("ce_chunk", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"train.ce_chunk must be an integer >= 0 (tokens per chunk of the "
+                         f"fused head + cross-entropy; 0 = materialise the logits); got {value!r}")
+    return value
+
+
 @dataclasses.dataclass
 class Plan:
     """Everything sharded about a run: mesh, rules, shardings, and jitted functions."""
@@ -215,20 +234,22 @@ class Plan:
     eval_sh: jax.sharding.NamedSharding
     ce: CrossEntropy
     interceptor: Callable[..., Any]
+    ce_chunk: int = 0                   # > 0: head + cross-entropy fused (loss_fn)
 
     def step_fn(self, model: GPT, tx: optax.GradientTransformation,
                 schedule: optax.Schedule) -> Callable[..., Any]:
         rep = sharding.replicated(self.mesh)
         batch_sh = {"inputs": self.micro_sh, "targets": self.micro_sh}
         return jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                         ce=self.ce, interceptor=self.interceptor),
+                                         ce=self.ce, interceptor=self.interceptor,
+                                         ce_chunk=self.ce_chunk),
                        in_shardings=(self.state_sh, batch_sh, rep),
                        out_shardings=(self.state_sh, rep), donate_argnums=(0,))
 
     def eval_fn(self, model: GPT) -> Callable[..., Any]:
         batch_sh = {"inputs": self.eval_sh, "targets": self.eval_sh}
         return jax.jit(functools.partial(eval_step, model=model, ce=self.ce,
-                                         interceptor=self.interceptor),
+                                         interceptor=self.interceptor, ce_chunk=self.ce_chunk),
                        in_shardings=(self.state_sh["params"], batch_sh),
                        out_shardings=sharding.replicated(self.mesh))
 
@@ -243,11 +264,13 @@ def make_plan(cfg: ml_collections.ConfigDict, model: GPT, tx: optax.GradientTran
         raise ValueError(f"train.batch_size {b} is not divisible by train.grad_accum {a}")
     abstract, state_sh = sharding.state_shardings(model, tx, seq_len, mesh, rules)
     micro_shape = (a, b // a, seq_len)
+    vocab_parallel = use_vocab_parallel_ce(cfg, mesh)
     return Plan(mesh, rules, abstract, state_sh, micro_shape,
                 sharding.batch_sharding(mesh, rules, micro_shape, batch_dim=1),
                 (b, seq_len), sharding.batch_sharding(mesh, rules, (b, seq_len)),
-                sharding.cross_entropy_for(mesh, rules, use_vocab_parallel_ce(cfg, mesh)),
-                sharding.activation_interceptor(mesh, rules))
+                sharding.cross_entropy_for(mesh, rules, vocab_parallel),
+                sharding.activation_interceptor(mesh, rules),
+                0 if vocab_parallel else ce_chunk_tokens(cfg))
 
 
 def _restore(checkpointer: ckpt.Checkpointer, abstract: State, data_iter: Any) -> State:

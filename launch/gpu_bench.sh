@@ -14,13 +14,14 @@
 # or H200; well under 5 minutes.
 #
 # Arguments are passed on to `python -m kronjax.bench step` after the defaults above, so they
-# win: e.g. --config.train.batch_size=8 on a smaller GPU, --arms kron,bpe_untied.
+# win: e.g. --config.train.batch_size=8 on a smaller GPU, --arms kron,bpe_untied, or
+# --config.train.ce_chunk=0 for the unfused head + cross-entropy (full B x T x V logits).
 # KRONJAX_BENCH_ALLOW_CPU=1 skips the GPU check (a dry run of the Python part on CPU with tiny
 # overrides, as tests/test_bench.py does). PYTHON picks the interpreter (default python3).
 set -euo pipefail
 
 usage() {
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && usage

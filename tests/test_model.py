@@ -252,6 +252,29 @@ def test_cross_entropy_is_mean_negative_log_softmax():
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("arm", ARMS)
+def test_fused_loss_equals_logits_then_cross_entropy(arm):
+    """GPT.loss (head + cross-entropy in chunks, no logits) has the unfused loss and gradients."""
+    model, variables = _model(arm)
+    ids, targets = _ids(seed=5, b=3), _ids(seed=6, b=3)
+
+    def unfused(params):
+        return cross_entropy(model.apply({"params": params}, ids), targets)
+
+    def fused(params):
+        return model.apply({"params": params}, ids, targets, chunk_tokens=8, method=GPT.loss)
+
+    l0, g0 = jax.jit(jax.value_and_grad(unfused))(variables["params"])
+    l1, g1 = jax.jit(jax.value_and_grad(fused))(variables["params"])
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    flat0, flat1 = jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)
+    assert len(flat0) == len(flat1)
+    for (path, a), b in zip(flat0, flat1):
+        scale = float(np.abs(np.asarray(a)).max()) + 1e-12
+        err = float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        assert err <= 1e-4 * scale, (jax.tree_util.keystr(path), err, scale)
+
+
 # -- byte overrides ------------------------------------------------------------------------
 @pytest.mark.parametrize("arm", ["kron", "kron_tied"])
 def test_override_changes_only_later_positions_and_equals_vocab_edit(arm):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -124,6 +123,48 @@ def test_grad_accumulation_equals_one_big_batch(data_dir: Path) -> None:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="not divisible by grad_accum"):
         train.split_micro(batch, 3)
+
+
+@pytest.mark.parametrize("arm", ["bpe_tied", "kron_tied", "kron"])
+def test_fused_head_loss_step_equals_unfused(data_dir: Path, arm: str) -> None:
+    """train.ce_chunk > 0 (head + cross-entropy in chunks, GPT.loss) takes the same AdamW
+    step as materialising the logits; the plan picks it up from the config."""
+    cfg = tiny_cfg(data_dir, **{"model.arm": arm})
+    tok_vocab = 512
+    mcfg = train.model_config(cfg, tok_vocab)
+    vocab = ByteVocab.from_bytes([bytes([i % 256]) * (1 + i % 5) for i in range(tok_vocab)],
+                                 mcfg.pos_dim).pad_to(mcfg.vocab_size)
+    model = GPT(mcfg, vocab)
+    from kronjax import optim
+    tx, schedule = optim.from_config(cfg)
+    assert train.make_plan(cfg, model, tx).ce_chunk == cfg.train.ce_chunk > 0
+    state = train.init_state(model, tx, 0, mcfg.block_size)
+    ids = np.random.default_rng(1).integers(0, tok_vocab, (4, mcfg.block_size + 1))
+    batch = train.split_micro({"inputs": ids[:, :-1].astype(np.int32),
+                               "targets": ids[:, 1:].astype(np.int32)}, 2)
+
+    def step(chunk: int):
+        return jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), model=model,
+                                                     tx=tx, schedule=schedule,
+                                                     ce_chunk=chunk))(state, batch)
+
+    (s0, m0), (s1, m1) = step(0), step(16)
+    np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m0["grad_norm"]), rtol=1e-4)
+    # Adam's first step is about lr per element (3e-3 here): 1e-5 is round-off, not a
+    # different gradient (a wrong one moves elements by a whole step)
+    for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(s1["params"])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+def test_ce_chunk_config_is_checked_and_off_under_vocab_parallel(data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="train.ce_chunk must be an integer >= 0"):
+        train.ce_chunk_tokens(tiny_cfg(data_dir, **{"train.ce_chunk": -8}))
+    cfg = tiny_cfg(data_dir, **{"mesh.vocab_parallel_ce": True, "model.arm": "bpe_tied"})
+    model = GPT(train.model_config(cfg, 512))
+    from kronjax import optim
+    tx, _ = optim.from_config(cfg)
+    assert train.make_plan(cfg, model, tx).ce_chunk == 0   # the shard_map CE needs logits
 
 
 @pytest.mark.parametrize("override,key", [
