@@ -137,6 +137,13 @@ class Checkpointer:
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+        # Orbax removes what a killed save left behind in a background thread and waits for
+        # it only at the next save. Two managers on one directory (a test or `sample` beside
+        # a resumed run) would then race two rmtrees over the same files; waiting here makes
+        # the cleanup part of opening the directory.
+        await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def all_steps(self) -> list[int]:
         """Finalized steps, oldest first (interrupted saves are not steps)."""

@@ -195,7 +195,9 @@ def test_interrupted_save_resumes_from_previous(full_run: Path, data_dir: Path,
     shutil.copytree(full_run, wd)
     ck = wd / "checkpoints"
     shutil.move(ck / "8", ck / "8.orbax-checkpoint-tmp")
-    assert ckpt.Checkpointer(ck, save_every=4).latest_step() == 4
+    with ckpt.Checkpointer(ck, save_every=4) as opened:   # removes the stale tmp directory
+        assert opened.latest_step() == 4
+    assert not (ck / "8.orbax-checkpoint-tmp").exists()
     result = train.train(tiny_cfg(data_dir), wd, stop=lambda: False)
     assert result.step == 8
     assert losses(wd) == losses(full_run)
