@@ -2,7 +2,7 @@
 
 The unfused loss writes the B x T x V logits, reads them back for the softmax, writes their
 gradient and reads that twice more for the two backward matmuls. At nanoGPT's CPU shape
-(4096 tokens, V 8192) that is 134 MB per pass and about 55 ms of a 1.15 s step; for GPT-2 124M
+(4096 tokens, V 8192) that is 134 MB per pass and 4-8% of the train step; for GPT-2 124M
 on one GPU (a 64 x 1024 micro-batch, V 50304) the float32 logits alone are 13 GB. Here the
 positions go through in chunks of B x tc tokens (a few MB of logits each), and the forward
 pass also computes the gradients: softmax(logits) - onehot(target) is consumed at once by
