@@ -21,11 +21,12 @@ import numpy as np
 
 from kronjax import checkpoint as ckpt
 from kronjax import data as data_lib
+from kronjax import optim
 from kronjax.embed import ByteOverride
 from kronjax.model import GPT
+from kronjax.step import init_state
 from kronjax.tokenizers import Tokenizer
-from kronjax.train import data_dir_for, init_state, model_config, model_vocab
-from kronjax import optim
+from kronjax.train import data_dir_for, model_config, model_vocab
 
 OOV_MARK = "{oov}"
 

@@ -14,7 +14,6 @@ compiles for a TPU slice JAX can describe. --distributed forces jax.distributed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -26,9 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -39,12 +36,11 @@ from kronjax import data as data_lib
 from kronjax import metrics as metrics_lib
 from kronjax import optim
 from kronjax import sharding
-from kronjax.model import GPT, GPTConfig, cross_entropy, flops_per_token, n_params_nonembedding, param_counts
+from kronjax.model import GPT, GPTConfig, flops_per_token, n_params_nonembedding, param_counts
+from kronjax.step import CrossEntropy, State, eval_step, init_state, split_micro, train_step
 from kronjax.vocab import ByteVocab
 
 log = logging.getLogger("kronjax.train")
-State = dict[str, Any]  # {"step": int32 scalar, "params": pytree, "opt_state": pytree}
-Batch = dict[str, jax.Array]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,89 +96,6 @@ def run_meta(cfg: ml_collections.ConfigDict, mcfg: GPTConfig, vocab: ByteVocab |
             "tokenizer_fingerprint": data_meta["tokenizer_fingerprint"],
             "vocab_fingerprint": vocab.fingerprint if vocab is not None else None,
             "config": cfg.to_dict()}
-
-
-def init_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_len: int) -> State:
-    ids = jnp.zeros((1, seq_len), jnp.int32)
-    params = nn.meta.unbox(model.init(jax.random.key(seed), ids)["params"])
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-
-def input_side(params: Any, arm: str) -> jax.Array:
-    """The learned input-side matrix: the V x D table or the C x D Kronecker projection."""
-    return params["kron"]["projection"] if arm.startswith("kron") else params["wte"]["embedding"]
-
-
-# -- the step (pure) -------------------------------------------------------------------------
-CrossEntropy = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def loss_fn(params: Any, model: GPT, batch: Batch, rng: jax.Array, train: bool, *,
-            ce: CrossEntropy = cross_entropy, interceptor: Callable[..., Any] | None = None,
-            ce_chunk: int = 0) -> jax.Array:
-    """Mean loss; `interceptor` (a flax method interceptor) may pin activation shardings.
-
-    ce_chunk > 0: the head and cross-entropy fused in chunks of about that many tokens
-    (GPT.loss; no B x T x V logits, `ce` unused); 0: logits, then `ce`.
-    """
-    with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
-        if ce_chunk > 0:
-            return model.apply({"params": params}, batch["inputs"], batch["targets"],
-                               train=train, chunk_tokens=ce_chunk, method=GPT.loss,
-                               rngs={"dropout": rng})
-        logits = model.apply({"params": params}, batch["inputs"], train=train,
-                             rngs={"dropout": rng})
-    return ce(logits, batch["targets"])
-
-
-def train_step(state: State, batch_AxBxT: Batch, rng: jax.Array, *, model: GPT,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               ce: CrossEntropy = cross_entropy, interceptor: Callable[..., Any] | None = None,
-               ce_chunk: int = 0) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer step over A micro-batches, gradients accumulated by lax.scan.
-
-    `ce` maps (logits, targets) to the mean loss: model.cross_entropy, or a mesh-aware one
-    from kronjax.sharding (vocabulary-parallel under shard_map when the head is split);
-    `interceptor` pins activation shardings (kronjax.sharding.activation_interceptor);
-    `ce_chunk`: see loss_fn.
-    """
-    params = state["params"]
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, ce=ce, interceptor=interceptor,
-                                                   ce_chunk=ce_chunk))
-    step_rng = jax.random.fold_in(rng, state["step"])
-    n_micro = batch_AxBxT["inputs"].shape[0]
-
-    def micro(carry: tuple[Any, jax.Array], xs: tuple[Batch, jax.Array]
-              ) -> tuple[tuple[Any, jax.Array], None]:
-        grads_acc, loss_acc = carry
-        mb, i = xs
-        loss, grads = grad_fn(params, model, mb, jax.random.fold_in(step_rng, i), True)
-        return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss_sum), _ = jax.lax.scan(
-        micro, (zeros, jnp.zeros((), jnp.float32)), (batch_AxBxT, jnp.arange(n_micro)))
-    grads = jax.tree.map(lambda g: g / n_micro, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / n_micro, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(state["step"]),
-               "input_norm": jnp.linalg.norm(input_side(new_params, model.config.arm))}
-    return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
-
-
-def eval_step(params: Any, batch: Batch, *, model: GPT, ce: CrossEntropy = cross_entropy,
-              interceptor: Callable[..., Any] | None = None, ce_chunk: int = 0) -> jax.Array:
-    return loss_fn(params, model, batch, jax.random.key(0), False, ce=ce,
-                   interceptor=interceptor, ce_chunk=ce_chunk)
-
-
-def split_micro(batch: dict[str, np.ndarray], n_micro: int) -> dict[str, np.ndarray]:
-    """(B, T) -> (A, B/A, T) for the scan over micro-batches."""
-    b = batch["inputs"].shape[0]
-    if b % n_micro:
-        raise ValueError(f"batch {b} is not divisible by grad_accum {n_micro}")
-    return {k: v.reshape((n_micro, b // n_micro) + v.shape[1:]) for k, v in batch.items()}
 
 
 # -- sharded setup ---------------------------------------------------------------------------

@@ -179,6 +179,7 @@ def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
     import jax
 
     from kronjax import optim, sharding
+    from kronjax import step as step_lib
     from kronjax import train as train_lib
     from kronjax.model import GPT, flops_per_token, n_params_nonembedding, param_counts
 
@@ -190,10 +191,10 @@ def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
     tx, schedule = optim.from_config(c)
     plan = train_lib.make_plan(c, model, tx)
     seed, seq_len, n_micro = int(c.seed), mcfg.block_size, int(c.train.grad_accum)
-    state = jax.jit(functools.partial(train_lib.init_state, model, tx, seed, seq_len),
+    state = jax.jit(functools.partial(step_lib.init_state, model, tx, seed, seq_len),
                     out_shardings=plan.state_sh)()
     batch = sharding.global_batch(
-        train_lib.split_micro({"inputs": inputs_BxT, "targets": targets_BxT}, n_micro),
+        step_lib.split_micro({"inputs": inputs_BxT, "targets": targets_BxT}, n_micro),
         plan.micro_sh, plan.micro_shape)
     rng = jax.device_put(jax.random.key(seed + 1), sharding.replicated(plan.mesh))
     compiled = plan.step_fn(model, tx, schedule).lower(state, batch, rng).compile()
