@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep Hypothesis's example database and constants cache out of the checkout: they record
+    absolute paths of the machine that ran the tests."""
+    if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        from hypothesis.configuration import set_hypothesis_home_dir
+
+        set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "kronjax-hypothesis")
 
 
 @pytest.fixture(scope="session")
