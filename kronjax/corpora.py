@@ -11,6 +11,7 @@ import importlib.resources
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BUILTIN_SOURCES = ("shakespeare", "pydoc")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -77,6 +78,20 @@ def _local_files(source: str) -> list[Path]:
                      f"expected {SOURCES_HELP}")
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL file, streamed; a line that is
+    not JSON is an error naming the file and the line."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
+            yield n, value
+
+
 def _read_local(path: Path, text_field: str) -> Iterator[str]:
     """.txt: the whole file is one document; .jsonl: one per line; .parquet: one per row."""
     if path.suffix == ".txt":
@@ -85,19 +100,12 @@ def _read_local(path: Path, text_field: str) -> Iterator[str]:
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not valid UTF-8 text: {e}") from e
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
-                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                    keys = list(row) if isinstance(row, dict) else type(row).__name__
-                    raise ValueError(f"{path}:{n} has no string field {text_field!r} (found "
-                                     f"{keys}); pass text_field= / --text-field to pick another")
-                yield row[text_field]
+        for n, row in json_lines(path):
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                keys = list(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{path}:{n} has no string field {text_field!r} (found "
+                                 f"{keys}); pass text_field= / --text-field to pick another")
+            yield row[text_field]
     else:
         try:
             import pyarrow.parquet as pq

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kronjax.corpora import json_lines
 from kronjax.embed import ByteOverride
 from kronjax.model import GPT
 from kronjax.sample import Loaded, load_run
@@ -78,13 +79,7 @@ def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected a JSONL file)")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    for n, rec in json_lines(path):
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
         missing = [k for k in required if not isinstance(rec.get(k), str) or not rec[k]]
