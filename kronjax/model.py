@@ -244,15 +244,23 @@ class GPT(nn.Module):
 
         table_VxD: see `head`.
         """
-        blocks = []
-        for block in self.h:
-            x_BxTxD = block(x_BxTxD, train)
-            blocks.append(x_BxTxD)
-        h_BxTxD = self.ln_f(x_BxTxD)
+        h_BxTxD, blocks = self._trunk(x_BxTxD, train)
         logits_BxTxV = self.head(h_BxTxD, table_VxD)
         if return_hidden:
             return {"logits": logits_BxTxV, "hidden": h_BxTxD, "blocks": blocks}
         return logits_BxTxV
+
+    def _trunk(self, x_BxTxD: jax.Array, train: bool) -> tuple[jax.Array, list[jax.Array]]:
+        """The blocks, then the final LayerNorm: (hidden BxTxD, each block's output)."""
+        blocks = []
+        for block in self.h:
+            x_BxTxD = block(x_BxTxD, train)
+            blocks.append(x_BxTxD)
+        return self.ln_f(x_BxTxD), blocks
+
+    def _shared_table(self) -> Optional[jax.Array]:
+        """kron_tied: the codec table K @ W, computed once and shared by input and head."""
+        return self.kron.table() if self.config.arm == "kron_tied" else None
 
     def head(self, h_BxTxD: jax.Array, table_VxD: Optional[jax.Array] = None) -> jax.Array:
         """Output logits (float32) from final-LN hidden states, per arm.
@@ -273,8 +281,7 @@ class GPT(nn.Module):
         block outputs BxTxD (residual stream, before ln_f)}, hidden states in compute dtype.
         Dropout (train=True) draws from the "dropout" rng.
         """
-        # kron_tied: the codec table K @ W, computed once and shared by input and head
-        table_VxD = self.kron.table() if self.config.arm == "kron_tied" else None
+        table_VxD = self._shared_table()
         x_BxTxD = self.embed(ids_BxT, train=train, override=override, table_VxD=table_VxD)
         return self.from_embeddings(x_BxTxD, train=train, return_hidden=return_hidden,
                                     table_VxD=table_VxD)
@@ -301,12 +308,11 @@ class GPT(nn.Module):
         """Mean next-token loss (nats, float32) with the head and cross-entropy fused in chunks
         of about chunk_tokens tokens (kronjax.loss): the same value and gradients as
         cross_entropy(self(ids), targets), without the B x T x V logits."""
-        table_VxD = self.kron.table() if self.config.arm == "kron_tied" else None
+        table_VxD = self._shared_table()
         x_BxTxD = self.embed(ids_BxT, train=train, table_VxD=table_VxD)
-        for block in self.h:
-            x_BxTxD = block(x_BxTxD, train)
+        h_BxTxD, _ = self._trunk(x_BxTxD, train)
         w, vocab_major = self.head_weight(table_VxD)
-        return fused_cross_entropy(self.ln_f(x_BxTxD), w, targets_BxT, vocab_major=vocab_major,
+        return fused_cross_entropy(h_BxTxD, w, targets_BxT, vocab_major=vocab_major,
                                    chunk_tokens=chunk_tokens, dtype=self.config.dtype)
 
 

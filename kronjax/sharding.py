@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from kronjax.model import GPT, LOGICAL_AXES
+from kronjax.model import GPT, LOGICAL_AXES, cross_entropy
 
 log = logging.getLogger("kronjax.sharding")
 
@@ -394,10 +394,7 @@ def activation_interceptor(mesh: Mesh, rules: Rules) -> Callable[..., Any]:
 
 
 # -- cross-entropy -------------------------------------------------------------------------
-def plain_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxTxV.astype(jnp.float32), targets_BxT)
-    return losses_BxT.mean()
+plain_cross_entropy = cross_entropy  # the unsharded loss, for where the vocabulary is whole
 
 
 def _vocab_parallel_losses(logits_BxTxv: jax.Array, targets_BxT: jax.Array, axes: tuple[str, ...]
