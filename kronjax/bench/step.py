@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from kronjax.bench.embed import byte_vocab
-from kronjax.bench.timing import Arm, machine_info, machine_line, time_interleaved
+from kronjax.bench.timing import Arm, machine_info, machine_line, memory_stats, time_interleaved
 
 STEP_DOC = """The full train step of each arm, side by side in one process.
 
@@ -138,29 +138,6 @@ def _step_vocab(cfg: Any, source: str, vocab_size: int | None
             f"stand-in for {cfg.data.tokenizer}: {n} synthetic ids, cl100k's byte-length mix")
 
 
-def _memory_stats(compiled: Any) -> dict[str, int | None]:
-    """Per-device bytes of a compiled step (XLA memory_analysis); None where not reported.
-
-    peak: arguments + outputs not aliased to (donated) arguments + temporaries, all that the
-    step needs live at once (an upper bound). xla_peak: XLA's own peak_memory_in_bytes,
-    where the backend reports one (XLA:CPU's leaves the temporaries out).
-    """
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - backends may not implement it
-        stats = None
-    out: dict[str, int | None] = {}
-    for key in ("temp", "argument", "output", "alias", "xla_peak"):
-        name = "peak_memory_in_bytes" if key == "xla_peak" else f"{key}_size_in_bytes"
-        value = getattr(stats, name, None) if stats is not None else None
-        out[key] = int(value) if value is not None else None
-    out["xla_peak"] = out["xla_peak"] or None
-    parts = (out["argument"], out["output"], out["temp"])
-    out["peak"] = (None if None in parts
-                   else out["argument"] + out["output"] - (out["alias"] or 0) + out["temp"])
-    return out
-
-
 @dataclasses.dataclass
 class StepArm(Arm):
     """An Arm that is one full train step of a model, with what is needed for its row."""
@@ -205,7 +182,7 @@ def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
     result = StepArm(arm, lambda: None, note=f"{mcfg.dtype.name}; {loss}",
                      tokens=int(inputs_BxT.size),
                      flops_per_token=float(fpt), params=counts,
-                     memory=_memory_stats(compiled))
+                     memory=memory_stats(compiled))
     result.temp_bytes, result.output_bytes = result.memory["temp"], result.memory["output"]
     holder = {"state": state}
 

@@ -105,20 +105,37 @@ def time_interleaved(arms: Sequence[Arm], reps: int, warmup: int = 1,
             arm.times_ms.append((time.perf_counter() - t0) * 1e3)
 
 
+def memory_stats(compiled: Any) -> dict[str, int | None]:
+    """Per-device bytes of a compiled step (XLA memory_analysis); None where not reported.
+
+    peak: arguments + outputs not aliased to (donated) arguments + temporaries, all that the
+    step needs live at once (an upper bound). xla_peak: XLA's own peak_memory_in_bytes,
+    where the backend reports one (XLA:CPU's leaves the temporaries out).
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - backends may not implement it
+        stats = None
+    out: dict[str, int | None] = {}
+    for key in ("temp", "argument", "output", "alias", "xla_peak"):
+        name = "peak_memory_in_bytes" if key == "xla_peak" else f"{key}_size_in_bytes"
+        value = getattr(stats, name, None) if stats is not None else None
+        out[key] = int(value) if value is not None else None
+    out["xla_peak"] = out["xla_peak"] or None
+    parts = (out["argument"], out["output"], out["temp"])
+    out["peak"] = (None if None in parts
+                   else out["argument"] + out["output"] - (out["alias"] or 0) + out["temp"])
+    return out
+
+
 def memory_bytes(jitted: Any, *args: Any) -> tuple[int | None, int | None]:
     """(temp, output) bytes of the compiled computation; None where XLA won't say."""
     try:
-        stats = jitted.lower(*args).compile().memory_analysis()
+        compiled = jitted.lower(*args).compile()
     except Exception:  # noqa: BLE001 - backends may not implement it
         return None, None
-    if stats is None:
-        return None, None
-
-    def get(name: str) -> int | None:
-        value = getattr(stats, name, None)
-        return int(value) if value is not None else None
-
-    return get("temp_size_in_bytes"), get("output_size_in_bytes")
+    stats = memory_stats(compiled)
+    return stats["temp"], stats["output"]
 
 
 def jax_arm(name: str, loss_fn: Callable[..., Any], params: Any, *args: Any,
