@@ -20,6 +20,7 @@ from kronjax import data as data_lib
 from kronjax import optim, sharding
 from kronjax.model import GPT, param_counts
 from kronjax.train import data_dir_for, make_plan, model_config, use_vocab_parallel_ce
+from kronjax.step import table_once_per_step
 from kronjax.vocab import ByteVocab
 
 
@@ -148,6 +149,7 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
         "micro_batch": list(plan.micro_shape), "compile_s": round(seconds, 1),
         "vocab_parallel_ce": use_vocab_parallel_ce(cfg, plan.mesh),
         "ce_chunk_tokens": plan.ce_chunk,
+        "table_once_per_step": table_once_per_step(model, plan.micro_shape[0]),
     }
     if mem is not None:
         fields = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
@@ -164,6 +166,8 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
     out(f"state per device: params {_gib(sb['params'])}, opt_state {_gib(sb['opt_state'])}")
     fused = (f"head + cross-entropy fused in {report['ce_chunk_tokens']}-token chunks"
              if report["ce_chunk_tokens"] else "logits materialised")
+    if report["table_once_per_step"]:
+        fused += "; kron_tied's codec table once per step"
     out(f"step: {a} micro-batch(es) of {bm} x {t} tokens (global batch {a * bm}); "
         f"vocab-parallel cross-entropy {report['vocab_parallel_ce']}; {fused}; "
         f"compiled in {seconds:.1f} s")

@@ -36,7 +36,7 @@ from kronjax.loss import fused_cross_entropy
 from kronjax.vocab import ByteVocab
 
 ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
-KRON_TIED_LOGIT_SCALE = INIT_STD  # see GPT.head: matches bpe_tied's logit scale at init
+KRON_TIED_LOGIT_SCALE = INIT_STD  # see GPT._logit_scale: bpe_tied's logit scale at init
 LOGICAL_AXES = ("vocab", "embed", "codec", "position", "heads", "kv", "mlp", "norm")
 
 
@@ -258,9 +258,25 @@ class GPT(nn.Module):
             blocks.append(x_BxTxD)
         return self.ln_f(x_BxTxD), blocks
 
-    def _shared_table(self) -> Optional[jax.Array]:
-        """kron_tied: the codec table K @ W, computed once and shared by input and head."""
-        return self.kron.table() if self.config.arm == "kron_tied" else None
+    def tied_table(self) -> jax.Array:
+        """kron_tied: the codec table K @ W (V x D, float32), by the closed form.
+
+        A pure function of W: a train step with several micro-batches computes it once
+        (`jax.vjp`) and passes it to each micro-batch's `loss` / `__call__` as table_VxD.
+        """
+        if self.config.arm != "kron_tied":
+            raise ValueError(f"only kron_tied has a codec-generated table; arm is "
+                             f"{self.config.arm!r}")
+        return self.kron.table()
+
+    def _shared_table(self, table_VxD: Optional[jax.Array]) -> Optional[jax.Array]:
+        """kron_tied: the codec table K @ W, computed once and shared by input and head (or
+        the caller's, computed once per step); None for the other arms."""
+        if table_VxD is not None:
+            if self.config.arm != "kron_tied":
+                raise ValueError(f"table_VxD is only for kron_tied; arm is {self.config.arm!r}")
+            return table_VxD
+        return self.tied_table() if self.config.arm == "kron_tied" else None
 
     def head(self, h_BxTxD: jax.Array, table_VxD: Optional[jax.Array] = None) -> jax.Array:
         """Output logits (float32) from final-LN hidden states, per arm.
@@ -268,52 +284,67 @@ class GPT(nn.Module):
         table_VxD (kron_tied only): the codec table K @ W if the caller already has it.
         """
         if self.config.is_tied:
-            logits = _attend(h_BxTxD, self.head_weight(table_VxD)[0], self.config.dtype)
+            h_BxTxD, w_VxD = self._logit_scale(h_BxTxD, self.head_weight(table_VxD)[0])
+            logits = _attend(h_BxTxD, w_VxD, self.config.dtype)
         else:
             logits = self.lm_head(h_BxTxD)
         return logits.astype(jnp.float32)
 
     def __call__(self, ids_BxT: jax.Array, *, train: bool = False,
-                 override: Optional[ByteOverride] = None, return_hidden: bool = False) -> Any:
+                 override: Optional[ByteOverride] = None, return_hidden: bool = False,
+                 table_VxD: Optional[jax.Array] = None) -> Any:
         """ids_BxT -> logits_BxTxV (float32).
 
         With return_hidden: {"logits", "hidden": final-LN states BxTxD, "blocks": the n_layer
         block outputs BxTxD (residual stream, before ln_f)}, hidden states in compute dtype.
-        Dropout (train=True) draws from the "dropout" rng.
+        Dropout (train=True) draws from the "dropout" rng. table_VxD (kron_tied): the
+        `tied_table` if the caller has it already.
         """
-        table_VxD = self._shared_table()
+        table_VxD = self._shared_table(table_VxD)
         x_BxTxD = self.embed(ids_BxT, train=train, override=override, table_VxD=table_VxD)
         return self.from_embeddings(x_BxTxD, train=train, return_hidden=return_hidden,
                                     table_VxD=table_VxD)
 
     def head_weight(self, table_VxD: Optional[jax.Array] = None) -> tuple[jax.Array, bool]:
         """The head's matrix and whether it is vocabulary-major: (V, D) tied tables (kron_tied:
-        the codec table, scaled as in `head`), else the (D, V) `lm_head` kernel."""
+        the codec table, before `_logit_scale`), else the (D, V) `lm_head` kernel."""
         arm = self.config.arm
         if arm == "bpe_tied":
             return self.wte.embedding, True
         if arm == "kron_tied":
-            # K @ W has unit-scale entries (z rows have norm sqrt(C), W std 1/sqrt(C)), 50x
-            # nanoGPT's 0.02 table: a fixed factor gives the tied baseline's init logit scale.
-            # Applied to the V x D table (computed once per forward by the closed form), not
-            # to the N x V logits: a pass over the logits less, forward and backward.
-            table_VxD = self.kron.table() if table_VxD is None else table_VxD
-            return table_VxD * KRON_TIED_LOGIT_SCALE, True
+            return (self.kron.table() if table_VxD is None else table_VxD), True
         if self.is_initializing():  # create lm_head's kernel
             self.lm_head(jnp.zeros((1, self.config.n_embd), self.config.dtype))
         return nn.meta.unbox(self.lm_head.variables["params"]["kernel"]), False
 
     def loss(self, ids_BxT: jax.Array, targets_BxT: jax.Array, *, train: bool = False,
-             chunk_tokens: int = 512) -> jax.Array:
+             chunk_tokens: int = 512, table_VxD: Optional[jax.Array] = None) -> jax.Array:
         """Mean next-token loss (nats, float32) with the head and cross-entropy fused in chunks
         of about chunk_tokens tokens (kronjax.loss): the same value and gradients as
-        cross_entropy(self(ids), targets), without the B x T x V logits."""
-        table_VxD = self._shared_table()
+        cross_entropy(self(ids), targets), without the B x T x V logits. table_VxD: as in
+        `__call__`."""
+        table_VxD = self._shared_table(table_VxD)
         x_BxTxD = self.embed(ids_BxT, train=train, table_VxD=table_VxD)
         h_BxTxD, _ = self._trunk(x_BxTxD, train)
         w, vocab_major = self.head_weight(table_VxD)
+        h_BxTxD, w = self._logit_scale(h_BxTxD, w)
         return fused_cross_entropy(h_BxTxD, w, targets_BxT, vocab_major=vocab_major,
                                    chunk_tokens=chunk_tokens, dtype=self.config.dtype)
+
+    def _logit_scale(self, h_BxTxD: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """kron_tied's fixed logit factor, on the smaller of h (N x D) and the table (V x D).
+
+        K @ W has unit-scale entries (z rows have norm sqrt(C), W std 1/sqrt(C)), 50x
+        nanoGPT's 0.02 table: KRON_TIED_LOGIT_SCALE gives the tied baseline's logit scale at
+        init. Scaling an operand, not the N x V logits, saves a pass over the logits; h is
+        usually the smaller (a micro-batch of 8 x 1024 tokens against 50,304 rows), and a
+        scaled table would be another V x D pass per micro-batch, forward and backward.
+        """
+        if self.config.arm != "kron_tied":
+            return h_BxTxD, w
+        if h_BxTxD.size <= w.size:
+            return h_BxTxD * jnp.asarray(KRON_TIED_LOGIT_SCALE, h_BxTxD.dtype), w
+        return h_BxTxD, w * KRON_TIED_LOGIT_SCALE
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:

@@ -38,49 +38,70 @@ CrossEntropy = Callable[[jax.Array, jax.Array], jax.Array]
 
 def loss_fn(params: Any, model: GPT, batch: Batch, rng: jax.Array, train: bool, *,
             ce: CrossEntropy = cross_entropy, interceptor: Callable[..., Any] | None = None,
-            ce_chunk: int = 0) -> jax.Array:
+            ce_chunk: int = 0, table_VxD: jax.Array | None = None) -> jax.Array:
     """Mean loss; `interceptor` (a flax method interceptor) may pin activation shardings.
 
     ce_chunk > 0: the head and cross-entropy fused in chunks of about that many tokens
-    (GPT.loss; no B x T x V logits, `ce` unused); 0: logits, then `ce`.
+    (GPT.loss; no B x T x V logits, `ce` unused); 0: logits, then `ce`. table_VxD
+    (kron_tied): the codec table, when the caller computed it (see train_step).
     """
     with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
         if ce_chunk > 0:
             return model.apply({"params": params}, batch["inputs"], batch["targets"],
-                               train=train, chunk_tokens=ce_chunk, method=GPT.loss,
-                               rngs={"dropout": rng})
+                               train=train, chunk_tokens=ce_chunk, table_VxD=table_VxD,
+                               method=GPT.loss, rngs={"dropout": rng})
         logits = model.apply({"params": params}, batch["inputs"], train=train,
-                             rngs={"dropout": rng})
+                             table_VxD=table_VxD, rngs={"dropout": rng})
     return ce(logits, batch["targets"])
+
+
+def table_once_per_step(model: GPT, n_micro: int) -> bool:
+    """kron_tied with several micro-batches: its V x D codec table is a function of W alone,
+    so the step computes it (and later its backward) once, not once per micro-batch."""
+    return model.config.arm == "kron_tied" and n_micro > 1
 
 
 def train_step(state: State, batch_AxBxT: Batch, rng: jax.Array, *, model: GPT,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                ce: CrossEntropy = cross_entropy, interceptor: Callable[..., Any] | None = None,
-               ce_chunk: int = 0) -> tuple[State, dict[str, jax.Array]]:
+               ce_chunk: int = 0, share_table: bool = True) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step over A micro-batches, gradients accumulated by lax.scan.
 
     `ce` maps (logits, targets) to the mean loss: model.cross_entropy, or a mesh-aware one
     from kronjax.sharding (vocabulary-parallel under shard_map when the head is split);
     `interceptor` pins activation shardings (kronjax.sharding.activation_interceptor);
-    `ce_chunk`: see loss_fn.
+    `ce_chunk`: see loss_fn. share_table (kron_tied, A > 1): compute the codec table and
+    its backward once per step (`table_once_per_step`); False recomputes them per
+    micro-batch (the same numbers, for comparison).
     """
     params = state["params"]
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, ce=ce, interceptor=interceptor,
-                                                   ce_chunk=ce_chunk))
+    loss_of = functools.partial(loss_fn, model=model, train=True, ce=ce,
+                                interceptor=interceptor, ce_chunk=ce_chunk)
     step_rng = jax.random.fold_in(rng, state["step"])
     n_micro = batch_AxBxT["inputs"].shape[0]
+    table_VxD, table_vjp = None, None
+    if share_table and table_once_per_step(model, n_micro):
+        table_VxD, table_vjp = jax.vjp(
+            lambda p: model.apply({"params": p}, method=GPT.tied_table), params)
+    # d loss / d (params, table): the table's cotangents are summed over micro-batches and
+    # sent through its backward once, after the scan
+    grad_fn = jax.value_and_grad(
+        lambda p, table, mb, rng: loss_of(p, batch=mb, rng=rng, table_VxD=table),
+        argnums=(0, 1) if table_VxD is not None else 0)
 
     def micro(carry: tuple[Any, jax.Array], xs: tuple[Batch, jax.Array]
               ) -> tuple[tuple[Any, jax.Array], None]:
         grads_acc, loss_acc = carry
         mb, i = xs
-        loss, grads = grad_fn(params, model, mb, jax.random.fold_in(step_rng, i), True)
+        loss, grads = grad_fn(params, table_VxD, mb, jax.random.fold_in(step_rng, i))
         return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, params if table_vjp is None else (params, table_VxD))
     (grads, loss_sum), _ = jax.lax.scan(
         micro, (zeros, jnp.zeros((), jnp.float32)), (batch_AxBxT, jnp.arange(n_micro)))
+    if table_vjp is not None:
+        grads, d_table_VxD = grads
+        grads = jax.tree.map(jnp.add, grads, table_vjp(d_table_VxD)[0])
     grads = jax.tree.map(lambda g: g / n_micro, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)

@@ -192,9 +192,11 @@ def test_forward_matches_numpy_reference(arm):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_kron_tied_logits_are_hidden_times_codec_table():
+@pytest.mark.parametrize("batch", [2, 2 * V // T + 2])
+def test_kron_tied_logits_are_hidden_times_codec_table(batch: int):
+    """The logit factor goes on h when B x T <= V, else on the table: same logits."""
     _, variables = _model("kron_tied")
-    out = _apply("kron_tied")(variables, _ids())
+    out = _apply("kron_tied")(variables, _ids(b=batch))
     k_VxC = reference_codec(VOCAB.rows, VOCAB.lengths).astype(np.float64)
     w_CxD = np.asarray(variables["params"]["kron"]["projection"], np.float64)
     want = np.asarray(out["hidden"], np.float64) @ (k_VxC @ w_CxD).T * KRON_TIED_LOGIT_SCALE

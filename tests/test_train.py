@@ -18,6 +18,7 @@ import pytest
 from kronjax import checkpoint as ckpt
 from kronjax import config as config_lib
 from kronjax import train
+from kronjax import step as step_mod
 from kronjax.model import GPT, GPTConfig
 from kronjax.vocab import ByteVocab
 
@@ -97,12 +98,15 @@ def test_resume_gives_identical_losses(full_run: Path, data_dir: Path, tmp_path:
     assert losses(tmp_path) == losses(full_run)
 
 
-def test_grad_accumulation_equals_one_big_batch(data_dir: Path) -> None:
-    cfg = tiny_cfg(data_dir, **{"model.arm": "kron"})
+@pytest.mark.parametrize("arm", ["kron", "kron_tied"])
+def test_grad_accumulation_equals_one_big_batch(data_dir: Path, arm: str) -> None:
+    """Four micro-batches take the step of one big batch. kron_tied computes its codec table
+    and the table's backward once per step then, not per micro-batch: same step again."""
+    cfg = tiny_cfg(data_dir, **{"model.arm": arm})
     tok_vocab = 512
     mcfg = train.model_config(cfg, tok_vocab)
     vocab = ByteVocab.from_bytes([bytes([i % 256]) * (1 + i % 5) for i in range(tok_vocab)],
-                                 mcfg.pos_dim)
+                                 mcfg.pos_dim).pad_to(mcfg.vocab_size)
     model = GPT(mcfg, vocab)
     # Plain SGD makes the update the averaged gradient itself (Adam's first step would
     # normalise away the comparison by amplifying round-off in near-zero gradients).
@@ -113,14 +117,20 @@ def test_grad_accumulation_equals_one_big_batch(data_dir: Path) -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, tok_vocab, (8, mcfg.block_size + 1)).astype(np.int32)
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
-    step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, tx=tx,
-                                                 schedule=schedule))
+    step = jax.jit(lambda s, b, share=True: train.train_step(
+        s, b, jax.random.key(0), model=model, tx=tx, schedule=schedule, share_table=share),
+        static_argnums=2)
     one, m1 = step(state, train.split_micro(batch, 1))
     four, m4 = step(state, train.split_micro(batch, 4))
-    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-5)
-    np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(four["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    runs = [(four, m4)]
+    if arm == "kron_tied":
+        assert step_mod.table_once_per_step(model, 4) and not step_mod.table_once_per_step(model, 1)
+        runs.append(step(state, train.split_micro(batch, 4), False))  # table per micro-batch
+    for other, m in runs:
+        np.testing.assert_allclose(float(m1["loss"]), float(m["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(float(m1["grad_norm"]), float(m["grad_norm"]), rtol=1e-4)
+        for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(other["params"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="not divisible by grad_accum"):
         train.split_micro(batch, 3)
 
