@@ -78,6 +78,24 @@ def test_gradient_matches_formula(vocab: ByteVocab) -> None:
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
+def test_gradient_over_many_blocks_with_invalid_ids(vocab: ByteVocab) -> None:
+    """300 tokens: many blocks of the CPU loops (the backward's mean-row step included),
+    with out-of-range ids, which embed to NaN and get no gradient."""
+    rng = np.random.default_rng(8)
+    w = _params(vocab, 7, seed=9)
+    ids = rng.integers(-2, 18, size=300)  # 16, 17, -1, -2: outside the 16-id vocabulary
+    g = rng.normal(size=(300, 7)).astype(np.float32)
+    mod = KroneckerEmbed(vocab, 7)
+    out, vjp = jax.vjp(lambda p: mod.apply({"params": {"projection": p}}, ids), w)
+    ok = (ids >= 0) & (ids < 16)
+    assert np.isnan(np.asarray(out)[~ok]).all() and 0 < ok.sum() < 300
+    k = reference_codec(vocab.rows, vocab.lengths).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(out)[ok], k[ids[ok]] @ w, rtol=1e-4, atol=1e-4)
+    want = k[ids[ok]].T @ g[ok]
+    (got,) = vjp(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_embed_bytes_and_override(vocab: ByteVocab) -> None:
     w = _params(vocab, 4, seed=5)
     mod = KroneckerEmbed(vocab, 4)
