@@ -19,8 +19,8 @@ import ml_collections
 from kronjax import data as data_lib
 from kronjax import optim, sharding
 from kronjax.model import GPT, param_counts
-from kronjax.train import data_dir_for, make_plan, model_config, use_vocab_parallel_ce
 from kronjax.step import table_once_per_step
+from kronjax.train import data_dir_for, make_plan, model_config, use_vocab_parallel_ce
 from kronjax.vocab import ByteVocab
 
 

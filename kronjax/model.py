@@ -36,7 +36,7 @@ from kronjax.loss import fused_cross_entropy
 from kronjax.vocab import ByteVocab
 
 ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
-KRON_TIED_LOGIT_SCALE = INIT_STD  # see GPT._logit_scale: bpe_tied's logit scale at init
+KRON_TIED_LOGIT_SCALE = INIT_STD  # see GPT._head_operands: bpe_tied's logit scale at init
 LOGICAL_AXES = ("vocab", "embed", "codec", "position", "heads", "kv", "mlp", "norm")
 
 
@@ -284,7 +284,7 @@ class GPT(nn.Module):
         table_VxD (kron_tied only): the codec table K @ W if the caller already has it.
         """
         if self.config.is_tied:
-            h_BxTxD, w_VxD = self._logit_scale(h_BxTxD, self.head_weight(table_VxD)[0])
+            h_BxTxD, w_VxD, _ = self._head_operands(h_BxTxD, table_VxD)
             logits = _attend(h_BxTxD, w_VxD, self.config.dtype)
         else:
             logits = self.lm_head(h_BxTxD)
@@ -307,12 +307,13 @@ class GPT(nn.Module):
 
     def head_weight(self, table_VxD: Optional[jax.Array] = None) -> tuple[jax.Array, bool]:
         """The head's matrix and whether it is vocabulary-major: (V, D) tied tables (kron_tied:
-        the codec table, before `_logit_scale`), else the (D, V) `lm_head` kernel."""
+        the codec table, before `_head_operands`' logit factor), else the (D, V) lm_head
+        kernel."""
         arm = self.config.arm
         if arm == "bpe_tied":
             return self.wte.embedding, True
         if arm == "kron_tied":
-            return (self.kron.table() if table_VxD is None else table_VxD), True
+            return self._shared_table(table_VxD), True
         if self.is_initializing():  # create lm_head's kernel
             self.lm_head(jnp.zeros((1, self.config.n_embd), self.config.dtype))
         return nn.meta.unbox(self.lm_head.variables["params"]["kernel"]), False
@@ -326,13 +327,14 @@ class GPT(nn.Module):
         table_VxD = self._shared_table(table_VxD)
         x_BxTxD = self.embed(ids_BxT, train=train, table_VxD=table_VxD)
         h_BxTxD, _ = self._trunk(x_BxTxD, train)
-        w, vocab_major = self.head_weight(table_VxD)
-        h_BxTxD, w = self._logit_scale(h_BxTxD, w)
+        h_BxTxD, w, vocab_major = self._head_operands(h_BxTxD, table_VxD)
         return fused_cross_entropy(h_BxTxD, w, targets_BxT, vocab_major=vocab_major,
                                    chunk_tokens=chunk_tokens, dtype=self.config.dtype)
 
-    def _logit_scale(self, h_BxTxD: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """kron_tied's fixed logit factor, on the smaller of h (N x D) and the table (V x D).
+    def _head_operands(self, h_BxTxD: jax.Array, table_VxD: Optional[jax.Array]
+                       ) -> tuple[jax.Array, jax.Array, bool]:
+        """(h, head matrix, vocabulary-major) for the logits h @ W: `head_weight`, with
+        kron_tied's fixed logit factor on the smaller of h (N x D) and the table (V x D).
 
         K @ W has unit-scale entries (z rows have norm sqrt(C), W std 1/sqrt(C)), 50x
         nanoGPT's 0.02 table: KRON_TIED_LOGIT_SCALE gives the tied baseline's logit scale at
@@ -340,11 +342,12 @@ class GPT(nn.Module):
         usually the smaller (a micro-batch of 8 x 1024 tokens against 50,304 rows), and a
         scaled table would be another V x D pass per micro-batch, forward and backward.
         """
+        w, vocab_major = self.head_weight(table_VxD)
         if self.config.arm != "kron_tied":
-            return h_BxTxD, w
+            return h_BxTxD, w, vocab_major
         if h_BxTxD.size <= w.size:
-            return h_BxTxD * jnp.asarray(KRON_TIED_LOGIT_SCALE, h_BxTxD.dtype), w
-        return h_BxTxD, w * KRON_TIED_LOGIT_SCALE
+            return h_BxTxD * jnp.asarray(KRON_TIED_LOGIT_SCALE, h_BxTxD.dtype), w, vocab_major
+        return h_BxTxD, w * KRON_TIED_LOGIT_SCALE, vocab_major
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
