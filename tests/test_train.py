@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,8 @@ import pytest
 
 from kronjax import checkpoint as ckpt
 from kronjax import config as config_lib
-from kronjax import train
 from kronjax import step as step_mod
+from kronjax import train
 from kronjax.model import GPT, GPTConfig
 from kronjax.vocab import ByteVocab
 
@@ -98,16 +99,24 @@ def test_resume_gives_identical_losses(full_run: Path, data_dir: Path, tmp_path:
     assert losses(tmp_path) == losses(full_run)
 
 
+TOK_VOCAB = 512
+
+
+def _byte_model(data_dir: Path, arm: str) -> tuple[Any, GPT]:
+    """The tiny config for `arm` with a 512-id byte vocabulary (no tokenizer needed)."""
+    cfg = tiny_cfg(data_dir, **{"model.arm": arm})
+    mcfg = train.model_config(cfg, TOK_VOCAB)
+    vocab = ByteVocab.from_bytes([bytes([i % 256]) * (1 + i % 5) for i in range(TOK_VOCAB)],
+                                 mcfg.pos_dim).pad_to(mcfg.vocab_size)
+    return cfg, GPT(mcfg, vocab)
+
+
 @pytest.mark.parametrize("arm", ["kron", "kron_tied"])
 def test_grad_accumulation_equals_one_big_batch(data_dir: Path, arm: str) -> None:
     """Four micro-batches take the step of one big batch. kron_tied computes its codec table
     and the table's backward once per step then, not per micro-batch: same step again."""
-    cfg = tiny_cfg(data_dir, **{"model.arm": arm})
-    tok_vocab = 512
-    mcfg = train.model_config(cfg, tok_vocab)
-    vocab = ByteVocab.from_bytes([bytes([i % 256]) * (1 + i % 5) for i in range(tok_vocab)],
-                                 mcfg.pos_dim).pad_to(mcfg.vocab_size)
-    model = GPT(mcfg, vocab)
+    cfg, model = _byte_model(data_dir, arm)
+    mcfg = model.config
     # Plain SGD makes the update the averaged gradient itself (Adam's first step would
     # normalise away the comparison by amplifying round-off in near-zero gradients).
     import optax
@@ -115,7 +124,7 @@ def test_grad_accumulation_equals_one_big_batch(data_dir: Path, arm: str) -> Non
     tx = optax.sgd(schedule)
     state = train.init_state(model, tx, 0, mcfg.block_size)
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, tok_vocab, (8, mcfg.block_size + 1)).astype(np.int32)
+    ids = rng.integers(0, TOK_VOCAB, (8, mcfg.block_size + 1)).astype(np.int32)
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
     step = jax.jit(lambda s, b, share=True: train.train_step(
         s, b, jax.random.key(0), model=model, tx=tx, schedule=schedule, share_table=share),
@@ -139,17 +148,13 @@ def test_grad_accumulation_equals_one_big_batch(data_dir: Path, arm: str) -> Non
 def test_fused_head_loss_step_equals_unfused(data_dir: Path, arm: str) -> None:
     """train.ce_chunk > 0 (head + cross-entropy in chunks, GPT.loss) takes the same AdamW
     step as materialising the logits; the plan picks it up from the config."""
-    cfg = tiny_cfg(data_dir, **{"model.arm": arm})
-    tok_vocab = 512
-    mcfg = train.model_config(cfg, tok_vocab)
-    vocab = ByteVocab.from_bytes([bytes([i % 256]) * (1 + i % 5) for i in range(tok_vocab)],
-                                 mcfg.pos_dim).pad_to(mcfg.vocab_size)
-    model = GPT(mcfg, vocab)
+    cfg, model = _byte_model(data_dir, arm)
+    mcfg = model.config
     from kronjax import optim
     tx, schedule = optim.from_config(cfg)
     assert train.make_plan(cfg, model, tx).ce_chunk == cfg.train.ce_chunk > 0
     state = train.init_state(model, tx, 0, mcfg.block_size)
-    ids = np.random.default_rng(1).integers(0, tok_vocab, (4, mcfg.block_size + 1))
+    ids = np.random.default_rng(1).integers(0, TOK_VOCAB, (4, mcfg.block_size + 1))
     batch = train.split_micro({"inputs": ids[:, :-1].astype(np.int32),
                                "targets": ids[:, 1:].astype(np.int32)}, 2)
 
