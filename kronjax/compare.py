@@ -1,9 +1,15 @@
-"""`python -m kronjax.compare --config FILE --arms A,B --seeds 3 --out DIR [--config.a.b=v]`
+"""`python -m kronjax.compare --config FILE --arms A,B --seeds 3 --out DIR [--reference A]
+[--config.a.b=v]`
 
 Trains every arm x seed into DIR/<arm>_s<seed> with kronjax.train, then reports per arm the
-mean ± std (ddof=1) of the final validation loss and bits per byte, the gap of each arm to
-the first (reference) arm with a 95% Welch-t confidence interval, steps-to-match, and PNG
-plots of the loss curves and the input-side norm drift (DIR/summary.{md,json}, *.png).
+mean ± std (ddof=1) of the final validation loss and bits per byte, the per-seed values, the
+gap of each arm to each reference arm (default: the first) with a 95% paired-t interval over
+the per-seed differences and a 95% Welch-t interval, steps-to-match, and PNG plots of the loss
+curves and the input-side norm drift (DIR/summary.{md,json}, *.png).
+
+Paired by design: every arm runs with the same seeds, and a seed fixes the data order and the
+init of every parameter outside the input side (Flax derives each module's init key from its
+name, so the blocks, positions and any head draw the same values in every arm).
 
 Resumable: a run whose metrics.jsonl has the final step with val_loss is skipped; an
 interrupted one is resumed by train's own checkpoint resume. A run directory trained with a
@@ -17,7 +23,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,19 +32,13 @@ import numpy as np
 
 import kronjax.train as train_lib
 from kronjax import config as config_lib
+from kronjax import stats
 from kronjax.model import ARMS
 
 log = logging.getLogger("kronjax.compare")
 IGNORED_KEYS = ("train.progress",)  # may differ between invocations without changing a run
 # Where a run executes (mesh layout, process setup) does not change what it computes.
 IGNORED_PREFIXES = ("mesh.", "dist.")
-# Two-sided 95% Student t quantiles t_{0.975, df}; used only when scipy is missing.
-T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-           9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
-           16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074,
-           23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045,
-           30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-Z_975 = 1.959964
 Runs = Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]]  # {arm: {seed: records}}
 
 
@@ -171,76 +170,7 @@ def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence
     return status
 
 
-# -- statistics (pure) ---------------------------------------------------------------------------
-def t_quantile(df: float, q: float = 0.975) -> tuple[float, str]:
-    """Student t quantile and how it was obtained (scipy, else the 95% table)."""
-    try:
-        from scipy import stats
-
-        return float(stats.t.ppf(q, df)), "scipy.stats.t.ppf"
-    except ImportError:
-        return t_table(df, q), "t table at floor(df), conservative"
-
-
-def t_table(df: float, q: float = 0.975) -> float:
-    """t_{0.975, df} from T_TABLE at the largest tabled df <= df: the textbook conservative
-    rule (a slightly wider interval for fractional Welch df; exact at tabled df)."""
-    if q != 0.975:
-        raise ValueError("the fallback t table holds only the 0.975 quantile (95% intervals)")
-    if not df >= 1:
-        raise ValueError(f"degrees of freedom must be >= 1; got {df}")
-    if df > 10 * max(T_TABLE):
-        return Z_975
-    return T_TABLE[max(k for k in T_TABLE if k <= df)]
-
-
-def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()) if v.size else None,
-            "std": float(v.std(ddof=1)) if v.size > 1 else None,
-            "n": int(v.size), "values": [float(x) for x in v]}
-
-
-def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """mean(b) - mean(a) with a 95% Welch-t interval (None when an arm has < 2 seeds)."""
-    a_, b_ = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    diff = float(b_.mean() - a_.mean())
-    if a_.size < 2 or b_.size < 2:
-        return {"diff": diff, "ci95": None, "df": None, "method": "none: needs >= 2 seeds per arm"}
-    va, vb = a_.var(ddof=1) / a_.size, b_.var(ddof=1) / b_.size
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return {"diff": diff, "ci95": [diff, diff], "df": None,
-                "method": "Welch t (zero variance: the interval is the point)"}
-    df = (va + vb) ** 2 / (va ** 2 / (a_.size - 1) + vb ** 2 / (b_.size - 1))
-    t, how = t_quantile(df)
-    return {"diff": diff, "ci95": [diff - t * se, diff + t * se], "df": float(df), "se": se,
-            "t": t, "method": f"Welch t, {how}"}
-
-
-def steps_to_match(curve_b: Sequence[tuple[int, float]], target: float, a_steps: int
-                   ) -> dict[str, Any]:
-    """When curve_b first reaches `target` (arm A's final val loss), as a ratio of A's steps.
-
-    Validation exists only at eval steps, so the crossing is interpolated linearly between the
-    last eval above the target and the first at or below it; reached at the very first eval,
-    only an upper bound is known.
-    """
-    pts = sorted(curve_b)
-    for i, (s, v) in enumerate(pts):
-        if v <= target:
-            if i == 0:
-                return {"step": float(s), "ratio": s / a_steps, "first_eval_step": s,
-                        "exact": False, "note": "reached at the first evaluation: an upper bound"}
-            s0, v0 = pts[i - 1]
-            step = s0 + (v0 - target) / (v0 - v) * (s - s0)
-            return {"step": step, "ratio": step / a_steps, "first_eval_step": s, "exact": True,
-                    "note": "interpolated between evaluations"}
-    last = pts[-1][0] if pts else None
-    return {"step": None, "ratio": None, "first_eval_step": None, "exact": False,
-            "note": f"not reached within {last} steps"}
-
-
+# -- summary ---------------------------------------------------------------------------------------
 def curves(records: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
 
@@ -252,56 +182,111 @@ def mean_curve(per_seed: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[in
     return [(s, float(np.mean([m[s] for m in maps]))) for s in common]
 
 
-def summarise(runs: Runs, steps: int, eval_every: int) -> dict[str, Any]:
-    """Statistics from {arm: {seed: metrics records}} (the first arm is the reference)."""
-    arms = list(runs)
-    finals: dict[str, dict[str, list[float]]] = {}
+def final_values(runs: Runs, steps: int) -> dict[str, dict[str, dict[int, float]]]:
+    """{arm: {metric: {seed: value at the final step}}}; an unfinished run is an error."""
+    finals: dict[str, dict[str, dict[int, float]]] = {}
     for arm, seeds in runs.items():
-        finals[arm] = {"val_loss": [], "val_bpb": []}
+        finals[arm] = {"val_loss": {}, "val_bpb": {}}
         for seed, recs in seeds.items():
             last = [r for r in recs if r["step"] == steps and r.get("val_loss") is not None]
             if not last:
                 raise ValueError(f"run {run_name(arm, seed)} has no final val_loss at step "
                                  f"{steps}: it is not finished")
-            finals[arm]["val_loss"].append(float(last[0]["val_loss"]))
-            finals[arm]["val_bpb"].append(float(last[0].get("val_bpb", float("nan"))))
+            finals[arm]["val_loss"][seed] = float(last[0]["val_loss"])
+            finals[arm]["val_bpb"][seed] = float(last[0].get("val_bpb", float("nan")))
+    return finals
+
+
+def input_params(runs: Runs) -> dict[str, int | None]:
+    """Each arm's input-side parameter count, from the step-0 record train writes."""
+    out: dict[str, int | None] = {}
+    for arm, seeds in runs.items():
+        counts = {r["params_input_side"] for recs in seeds.values() for r in recs
+                  if r.get("params_input_side") is not None}
+        out[arm] = counts.pop() if len(counts) == 1 else None
+    return out
+
+
+def summarise(runs: Runs, steps: int, eval_every: int,
+              references: Sequence[str] | None = None) -> dict[str, Any]:
+    """Statistics from {arm: {seed: metrics records}}.
+
+    Every arm is compared with each reference arm (default: the first arm) twice: Welch's
+    interval treats the arms' seeds as independent samples; the paired interval uses the
+    per-seed differences, valid because a seed fixes the data order and all init but the
+    input side in every arm.
+    """
+    arms = list(runs)
+    refs = list(references or arms[:1])
+    if bad := [r for r in refs if r not in runs]:
+        raise ValueError(f"reference arm(s) {bad} are not among the compared arms {arms}")
+    finals = final_values(runs, steps)
     summary: dict[str, Any] = {
-        "steps": steps, "eval_every": eval_every, "reference_arm": arms[0],
-        "arms": {a: {m: mean_std(v) for m, v in finals[a].items()} | {"seeds": list(runs[a])}
-                 for a in arms},
-        "gaps": [], "steps_to_match": [],
+        "steps": steps, "eval_every": eval_every, "reference_arm": refs[0],
+        "reference_arms": refs, "input_params": input_params(runs),
+        "arms": {a: {m: stats.mean_std(list(v.values())) for m, v in finals[a].items()}
+                 | {"seeds": list(runs[a])} for a in arms},
+        "per_seed": {a: {m: {str(k): x for k, x in v.items()} for m, v in finals[a].items()}
+                     for a in arms},
+        "gaps": [], "paired": [], "steps_to_match": [],
         "notes": ["gap = mean(arm) - mean(reference); negative means the arm is better",
+                  "paired: per-seed differences arm - reference over the seeds both have "
+                  "(same seed = same data order and same init outside the input side), "
+                  "95% paired-t interval",
                   "std is the sample std (ddof=1) over seeds",
                   f"validation is measured every {eval_every} steps (and at the last); "
                   "steps-to-match interpolates linearly between evaluations"]}
-    for b in arms[1:]:
-        for metric in ("val_loss", "val_bpb"):
-            summary["gaps"].append({"arm": b, "reference": arms[0], "metric": metric,
-                                    **welch(finals[arms[0]][metric], finals[b][metric])})
+    for ref in refs:
+        for b in (a for a in arms if a != ref):
+            for metric in ("val_loss", "val_bpb"):
+                ra, rb = finals[ref][metric], finals[b][metric]
+                summary["gaps"].append({"arm": b, "reference": ref, "metric": metric,
+                                        **stats.welch(list(ra.values()), list(rb.values()))})
+                summary["paired"].append({"arm": b, "reference": ref, "metric": metric,
+                                          **stats.paired(ra, rb)})
     val_curves = {a: mean_curve([curves(r, "val_loss") for r in runs[a].values()]) for a in arms}
     for a in arms:
         for b in arms:
             if a != b:
-                target = float(np.mean(finals[a]["val_loss"]))
+                target = float(np.mean(list(finals[a]["val_loss"].values())))
                 summary["steps_to_match"].append(
                     {"arm": b, "target_arm": a, "target_val_loss": target,
-                     **steps_to_match(val_curves[b], target, steps)})
+                     **stats.steps_to_match(val_curves[b], target, steps)})
     return summary
+
+
+def _ci(g: Mapping[str, Any]) -> str:
+    return f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g["ci95"] else "-"
 
 
 def to_markdown(summary: Mapping[str, Any]) -> str:
     def pm(d: Mapping[str, Any]) -> str:
         return f"{d['mean']:.4f}" + (f" ± {d['std']:.4f}" if d["std"] is not None else "")
-    lines = [f"## Arm comparison ({summary['steps']} steps, reference arm "
-             f"`{summary['reference_arm']}`)", "",
-             "| arm | seeds | final val loss (nats) | val bits/byte |", "|---|---|---|---|"]
+    refs = summary["reference_arms"]
+    lines = [f"## Arm comparison ({summary['steps']} steps, reference arm(s) "
+             f"{', '.join(f'`{r}`' for r in refs)})", "",
+             "| arm | input-side params | seeds | final val loss (nats) | val bits/byte |",
+             "|---|---|---|---|---|"]
     for arm, d in summary["arms"].items():
-        lines.append(f"| {arm} | {d['val_loss']['n']} | {pm(d['val_loss'])} | {pm(d['val_bpb'])} |")
-    lines += ["", "| arm − reference | metric | gap | 95% CI | method |", "|---|---|---|---|---|"]
-    for g in summary["gaps"]:
-        ci = f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g["ci95"] else "-"
-        lines.append(f"| {g['arm']} − {g['reference']} | {g['metric']} | {g['diff']:+.4f} | "
-                     f"{ci} | {g['method']} |")
+        n_in = summary["input_params"].get(arm)
+        lines.append(f"| {arm} | {'-' if n_in is None else f'{n_in:,}'} | {d['val_loss']['n']} "
+                     f"| {pm(d['val_loss'])} | {pm(d['val_bpb'])} |")
+    seeds = sorted({s for per in summary["per_seed"].values() for s in per["val_loss"]}, key=int)
+    lines += ["", "Per seed, final val loss / bits per byte:", "",
+              "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---" * (len(seeds) + 1) + "|"]
+    for arm, per in summary["per_seed"].items():
+        cells = [f"{per['val_loss'][s]:.4f} / {per['val_bpb'][s]:.4f}" if s in per["val_loss"]
+                 else "-" for s in seeds]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "| arm − reference | metric | paired gap | paired 95% CI | per seed "
+              "| Welch gap | Welch 95% CI |", "|---|---|---|---|---|---|---|"]
+    welch_by = {(g["arm"], g["reference"], g["metric"]): g for g in summary["gaps"]}
+    for p in summary["paired"]:
+        w = welch_by[(p["arm"], p["reference"], p["metric"])]
+        per = ", ".join(f"{v:+.4f}" for v in p["per_seed"].values())
+        lines.append(f"| {p['arm']} − {p['reference']} | {p['metric']} | {p['diff']:+.4f} | "
+                     f"{_ci(p)} | {per} | {w['diff']:+.4f} | {_ci(w)} |")
     lines += ["", "| arm | reaches final val loss of | at step | × target arm's steps | note |",
               "|---|---|---|---|---|"]
     for m in summary["steps_to_match"]:
@@ -309,7 +294,8 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
         ratio = "-" if m["ratio"] is None else f"{m['ratio']:.2f}"
         lines.append(f"| {m['arm']} | {m['target_arm']} ({m['target_val_loss']:.4f}) | {step} "
                      f"| {ratio} | {m['note']} |")
-    lines += [""] + [f"- {n}" for n in summary["notes"]]
+    methods = sorted({g["method"] for g in [*summary["gaps"], *summary["paired"]]})
+    lines += [""] + [f"- {n}" for n in summary["notes"]] + [f"- intervals: {'; '.join(methods)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -358,13 +344,13 @@ def plot_norms(runs: Runs, path: Path) -> None:
 
 
 def report(out: str | Path, arms: Sequence[str], seeds: Sequence[int],
-           cfg: ml_collections.ConfigDict, extra: Mapping[str, Any] | None = None
-           ) -> dict[str, Any]:
+           cfg: ml_collections.ConfigDict, extra: Mapping[str, Any] | None = None,
+           references: Sequence[str] | None = None) -> dict[str, Any]:
     """Read every run's metrics, write summary.{md,json} and the plots; returns the summary."""
     out = Path(out)
     runs = {a: {s: read_metrics(out / run_name(a, s) / "metrics.jsonl") for s in seeds}
             for a in arms}
-    summary = summarise(runs, int(cfg.train.steps), int(cfg.train.eval_every))
+    summary = summarise(runs, int(cfg.train.steps), int(cfg.train.eval_every), references)
     summary.update(dict(extra or {}))
     plot_curves(runs, out / "loss_curves.png")
     plot_norms(runs, out / "norm_drift.png")
@@ -383,7 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(config_lib.DEFAULT_CONFIG))
     parser.add_argument("--arms", default="bpe_tied,kron",
-                        help="comma-separated; the first is the reference")
+                        help="comma-separated; the first is the default reference")
+    parser.add_argument("--reference", default="",
+                        help="arm(s) every other arm is compared with, comma-separated "
+                             "(e.g. bpe_untied,bpe_tied); default: the first of --arms")
     parser.add_argument("--seeds", default="3", help="a count (0..N-1) or a list like 0,4,7")
     parser.add_argument("--out", required=True, help="directory for the runs and the report")
     parser.add_argument("--report-only", action="store_true", help="do not train; report only")
@@ -396,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kronjax").setLevel(logging.INFO)  # even where a library set up logging
     try:
         arms, seeds = parse_arms(args.arms), parse_seeds(args.seeds)
+        refs = parse_arms(args.reference) if args.reference else arms[:1]
+        if bad := [r for r in refs if r not in arms]:
+            raise ValueError(f"--reference {bad} must be among --arms {arms}")
         cfg = config_lib.build_config(args.config, overrides)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         summary = report(out, arms, seeds, cfg, {"config": args.config,
                                                  "overrides": [list(o) for o in overrides],
-                                                 "runs": status})
+                                                 "runs": status}, refs)
     except (ValueError, FileNotFoundError) as e:
         print(f"python -m kronjax.compare: error: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ import kronjax.train as train_lib
 import tiny_runs
 from kronjax import compare
 from kronjax import config as config_lib
+from kronjax import stats as kstats
 
 
 def write_metrics(path: Path, records: list[dict]) -> None:
@@ -48,37 +49,37 @@ def test_read_metrics_keeps_the_last_record_per_step(tmp_path: Path) -> None:
 
 def test_welch_interval_matches_scipy() -> None:
     a, b = [3.0, 3.2, 3.4], [2.9, 3.0, 3.1, 3.05]
-    g = compare.welch(a, b)
+    g = kstats.welch(a, b)
     assert g["diff"] == pytest.approx(np.mean(b) - np.mean(a))
     ref = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
     assert g["ci95"] == pytest.approx([ref.low, ref.high])
     assert "Welch" in g["method"]
-    assert compare.welch([1.0], [2.0, 3.0])["ci95"] is None
+    assert kstats.welch([1.0], [2.0, 3.0])["ci95"] is None
 
 
 def test_t_table_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     for df in (1, 7, 30, 60, 120):
-        assert compare.t_table(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3), df
+        assert kstats.t_table(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3), df
     for df in (1.5, 2.5, 13.3, 45, 200):  # between tabled df: the lower df, a wider interval
-        lower = max(k for k in compare.T_TABLE if k <= df)
-        assert compare.t_table(df) == pytest.approx(stats.t.ppf(0.975, lower), abs=1e-3)
-        assert compare.t_table(df) > stats.t.ppf(0.975, df), df
-    assert compare.t_table(1e6) == pytest.approx(1.96, abs=1e-3)
+        lower = max(k for k in kstats.T_TABLE if k <= df)
+        assert kstats.t_table(df) == pytest.approx(stats.t.ppf(0.975, lower), abs=1e-3)
+        assert kstats.t_table(df) > stats.t.ppf(0.975, df), df
+    assert kstats.t_table(1e6) == pytest.approx(1.96, abs=1e-3)
     monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy now raises ImportError
-    t, how = compare.t_quantile(4)
+    t, how = kstats.t_quantile(4)
     assert t == 2.776 and "table" in how
     with pytest.raises(ValueError, match=">= 1"):
-        compare.t_table(0.5)
+        kstats.t_table(0.5)
 
 
 def test_steps_to_match_interpolates_between_evals() -> None:
     curve = [(100, 4.0), (200, 3.0), (300, 2.5)]
-    m = compare.steps_to_match(curve, 3.5, 300)
+    m = kstats.steps_to_match(curve, 3.5, 300)
     assert m["step"] == pytest.approx(150) and m["ratio"] == pytest.approx(0.5)
     assert m["first_eval_step"] == 200 and m["exact"]
-    first = compare.steps_to_match(curve, 5.0, 300)
+    first = kstats.steps_to_match(curve, 5.0, 300)
     assert first["step"] == 100 and not first["exact"] and "upper bound" in first["note"]
-    assert compare.steps_to_match(curve, 1.0, 300)["step"] is None
+    assert kstats.steps_to_match(curve, 1.0, 300)["step"] is None
 
 
 def test_parse_arguments() -> None:
@@ -110,15 +111,28 @@ def test_report_on_fabricated_runs(tmp_path: Path) -> None:
     assert gap["diff"] == pytest.approx(-0.2)
     lo, hi = gap["ci95"]
     assert lo < -0.2 < hi
+    # paired per seed: -0.1, -0.2, -0.3 -> mean -0.2, sd 0.1, t_{0.975,2} = 4.303
+    p = next(g for g in s["paired"] if g["metric"] == "val_loss")
+    assert p["per_seed"] == pytest.approx({"0": -0.1, "1": -0.2, "2": -0.3})
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
+    assert p["ci95"] == pytest.approx([-0.2 - half, -0.2 + half])
+    assert s["per_seed"]["kron"]["val_loss"] == pytest.approx({"0": 2.9, "1": 3.0, "2": 3.1})
     # kron's mean val curve (300 steps, evals at 100/200/300: 3.67, 3.33, 3.0) reaches
     # bpe_tied's final 3.2 between steps 200 and 300: 200 + (3.333 - 3.2) / (1/3) * 100 = 240
     m = next(x for x in s["steps_to_match"] if x["arm"] == "kron")
     assert m["step"] == pytest.approx(240) and m["ratio"] == pytest.approx(0.8)
     md = (tmp_path / "summary.md").read_text()
-    assert "3.2000 ± 0.2000" in md and "Welch t" in md
+    assert "3.2000 ± 0.2000" in md and "Welch t" in md and "paired t" in md
+    assert "| kron − bpe_tied | val_loss | -0.2000 |" in md
     assert json.loads((tmp_path / "summary.json").read_text())["reference_arm"] == "bpe_tied"
     for png in ("loss_curves.png", "norm_drift.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    two = compare.report(tmp_path, ["bpe_tied", "kron"], [0, 1, 2], cfg,
+                         references=["kron", "bpe_tied"])
+    assert {(g["arm"], g["reference"]) for g in two["paired"]} == {("bpe_tied", "kron"),
+                                                                    ("kron", "bpe_tied")}
+    with pytest.raises(ValueError, match="reference"):
+        compare.report(tmp_path, ["bpe_tied", "kron"], [0, 1, 2], cfg, references=["kron_tied"])
     write_metrics(tmp_path / "kron_s3", fake_run(3.0)[:200])
     with pytest.raises(ValueError, match="not finished"):
         compare.report(tmp_path, ["kron"], [3], cfg)

@@ -1,0 +1,28 @@
+"""Regime 2 of the deciding experiment: a vocabulary 4x the codec width, table short of data.
+
+Run:     python -m kronjax.compare --config configs/shakespeare_16k.py --seeds 3
+             --arms bpe_untied,bpe_tied,kron,kron_tied --reference bpe_untied,bpe_tied
+             --out runs/regime2
+         (one arm: python -m kronjax.train --config configs/shakespeare_16k.py
+             --config.model.arm=bpe_untied --workdir runs/16k_bpe_untied)
+Differs from configs/default.py in the vocabulary and the budget only: a 16,384-piece
+sentencepiece BPE trained on the same Shakespeare (so V = 4 x C, C = 256 x 16 = 4096: the
+projection W has 1,048,576 parameters against the table's 4,194,304), and 125 steps of
+32 x 128 tokens (0.51M tokens, about 0.4 epoch), so most table rows see few updates.
+Expect:  about 6 minutes a run on 2 idle CPU cores; docs/results.md ("Regime 2") has the
+         measured values per arm and seed.
+"""
+
+import ml_collections
+
+from kronjax.config import load_config_file, REPO_CONFIGS
+
+
+def get_config() -> ml_collections.ConfigDict:
+    cfg = load_config_file(REPO_CONFIGS / "default.py")
+    cfg.data.sp_vocab_size = 16384
+    cfg.train.steps = 125
+    cfg.optim.warmup_steps = 25
+    cfg.train.eval_every = 25
+    cfg.train.checkpoint_every = 125
+    return cfg
