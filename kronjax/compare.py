@@ -148,7 +148,8 @@ def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence
     """
     out = Path(out)
     steps = int(cfg.train.steps)
-    jobs = [(a, s, run_config(cfg, a, s), out / run_name(a, s)) for a in arms for s in seeds]
+    # Seed-major: an interrupted comparison still holds every arm for its finished seeds.
+    jobs = [(a, s, run_config(cfg, a, s), out / run_name(a, s)) for s in seeds for a in arms]
     for _, _, rcfg, wd in jobs:  # check every directory before training anything
         check_run_dir(wd, rcfg)
     status: dict[str, str] = {}
