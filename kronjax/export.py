@@ -108,7 +108,7 @@ def gpt2_state(run: Loaded) -> dict[str, np.ndarray]:
         out["lm_head.weight"] = table * np.float32(KRON_TIED_LOGIT_SCALE)
     elif not c.is_tied:
         out["lm_head.weight"] = np.asarray(p["lm_head"]["kernel"]).T
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+    return {k: np.array(v, np.float32, order="C") for k, v in out.items()}  # writable copies
 
 
 def _norm(out: dict[str, np.ndarray], name: str, params: dict[str, Any]) -> None:

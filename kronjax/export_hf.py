@@ -16,6 +16,7 @@ in the card, where the two disagree or where no tokenizer could be written.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ KRON_FILE = "kronecker_embedding.safetensors"
 CHECK_TEXTS = ("Hello, world! The quick brown fox jumps over the lazy dog.",
                "  two  spaces,\ttabs\nand newlines\n\n", "digits 1234567890 and 3.14159",
                "ünïcödé, 漢字, emoji 🙂 and a U+2581 ▁ mark",
-               "def f(x):\n    return x ** 2  # code", "special text </s> <s> <|endoftext|>")
+               "def f(x):\n    return x ** 2  # code", "It's, we'LL see; don't\r\n\r\n  end   ",
+               "special text </s> <s> <|endoftext|>")
 
 
 def _transformers() -> Any:
@@ -75,31 +77,44 @@ def hf_tensors(run: Loaded) -> dict[str, np.ndarray]:
 # -- tokenizer ------------------------------------------------------------------------------
 
 def hf_tokenizer(tokenizer: Tokenizer, max_length: int) -> tuple[Any | None, str]:
-    """(a transformers fast tokenizer equal to `tokenizer`, or None; a note for the card)."""
+    """(a transformers fast tokenizer equal to `tokenizer`, or None; a note for the card).
+
+    The converters are transformers' own; an older transformers that lacks one gives None
+    and says so, rather than a tokenizer that might encode differently.
+    """
     transformers = _transformers()
     kw = dict(split_special_tokens=True, model_max_length=max_length,
               clean_up_tokenization_spaces=False)
-    if isinstance(tokenizer, SentencePieceTokenizer):
-        from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
-
-        proto = import_protobuf().ModelProto()
-        proto.ParseFromString(tokenizer.processor.serialized_model_proto())
-        vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-        backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
-        if backend is None:
-            return None, "this sentencepiece model type has no tokenizers equivalent"
-        sp = tokenizer.processor
-        names = {"eos_token": sp.eos_id(), "bos_token": sp.bos_id(), "unk_token": sp.unk_id()}
-        kw.update({k: sp.id_to_piece(i) for k, i in names.items() if i >= 0})
-        note = "sentencepiece model converted by transformers' SpmConverter"
-    elif isinstance(tokenizer, TiktokenTokenizer):
-        backend = _tiktoken_backend(tokenizer.encoding)
-        if tokenizer.eot_id is not None:
-            kw["eos_token"] = kw["bos_token"] = "<|endoftext|>"
-        note = f"tiktoken {tokenizer.encoding.name!r} as a byte-level BPE"
-    else:
-        return None, f"no converter for {type(tokenizer).__name__}"
+    try:
+        if isinstance(tokenizer, SentencePieceTokenizer):
+            backend = _sentencepiece_backend(tokenizer.processor)
+            sp = tokenizer.processor
+            names = {"eos_token": sp.eos_id(), "bos_token": sp.bos_id(), "unk_token": sp.unk_id()}
+            kw.update({k: sp.id_to_piece(i) for k, i in names.items() if i >= 0})
+            note = "sentencepiece model converted by transformers' SpmConverter"
+        elif isinstance(tokenizer, TiktokenTokenizer):
+            backend = _tiktoken_backend(tokenizer.encoding)
+            if tokenizer.eot_id is not None:
+                kw["eos_token"] = kw["bos_token"] = "<|endoftext|>"
+            note = f"tiktoken {tokenizer.encoding.name!r} as a byte-level BPE"
+        else:
+            return None, f"no converter for {type(tokenizer).__name__}"
+    except (ImportError, AttributeError) as e:
+        return None, (f"transformers {transformers.__version__} lacks the converter this "
+                      f"needs ({e}); a newer transformers writes it")
+    if backend is None:
+        return None, "this sentencepiece model type has no tokenizers equivalent"
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **kw), note
+
+
+def _sentencepiece_backend(processor: Any) -> Any:
+    """tokenizers.Tokenizer following the sentencepiece model's own normaliser settings."""
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(processor.serialized_model_proto())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    return SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
 
 
 def _tiktoken_backend(encoding: Any) -> Any:
@@ -117,10 +132,37 @@ def _tiktoken_backend(encoding: Any) -> Any:
             vocab.update(encoding._special_tokens)
             return vocab, merges
 
-    backend = FromEncoding(vocab_file=None, pattern=encoding._pat_str).converted()
+    backend = FromEncoding(vocab_file=None, pattern=_oniguruma(encoding._pat_str)).converted()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in encoding._special_tokens])
     return backend
+
+
+_ATOM = re.compile(r"\\[pP]\{[^}]*\}|\\.|\[(?:\\.|[^\]\\])*\]|[^\\]")
+
+
+def _oniguruma(pattern: str) -> str:
+    """tiktoken's split regex for tokenizers' Oniguruma engine, which reads a possessive
+    counted repeat `X{1,3}+` (cl100k_base's digits) as a repeat of a repeat, `(X{1,3})+`,
+    splitting "1234" as one piece: the atomic group (?>X{1,3}) means what tiktoken means.
+    `?+`, `*+` and `++` are possessive in Oniguruma already."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern[i] == "(":
+            out.append("(")
+            i += 1
+            continue
+        atom = _ATOM.match(pattern, i)
+        assert atom is not None  # _ATOM matches any single character
+        end = atom.end()
+        counted = re.match(r"\{\d*(?:,\d*)?\}\+", pattern[end:])
+        if counted:
+            out.append(f"(?>{atom.group()}{counted.group()[:-1]})")
+            end += counted.end()
+        else:
+            out.append(atom.group())
+        i = end
+    return "".join(out)
 
 
 def tokenizer_mismatches(fast: Any, tokenizer: Tokenizer) -> list[str]:

@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kronjax import interop
 from kronjax.export import (LINEARS, ExportError, RunInfo, gpt2_state, kron_projection,
                             write_file)
@@ -69,7 +71,7 @@ def state_dict(run: Loaded) -> tuple[dict[str, Any], dict[str, Any] | None]:
     del sd["transformer.wte.weight"]
     tensors, meta = interop.projection_tensors(kron_projection(run), run.model.vocab)
     sd[WTE_PROJECTION] = torch.from_numpy(tensors.pop(interop.WEIGHT))
-    kron = {k: torch.from_numpy(v) for k, v in tensors.items()}
+    kron = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}  # vocab is read-only
     kron["metadata"] = meta
     return sd, kron
 
