@@ -49,6 +49,7 @@ class RunInfo:
     arm: str
     step: int
     val_loss: float | None       # the last evaluation at or before `step`, nats
+    val_step: int | None         # the step of that evaluation
     best_val_loss: float | None  # the lowest evaluation up to `step`
     tokenizer: str
     tokenizer_fingerprint: str
@@ -59,12 +60,14 @@ class RunInfo:
 
 def run_info(run: Loaded, workdir: str | Path) -> RunInfo:
     """The run's arm, step, validation losses (from metrics.jsonl) and fingerprints."""
-    evals = [r["val_loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl")
+    evals = [(r["step"], float(r["val_loss"]))
+             for r in read_metrics(Path(workdir) / "metrics.jsonl")
              if r["step"] <= run.step and isinstance(r.get("val_loss"), (int, float))
              and math.isfinite(r["val_loss"])]
+    last = evals[-1] if evals else (None, None)
     vocab = run.model.vocab
-    return RunInfo(str(workdir), run.model.config.arm, run.step,
-                   float(evals[-1]) if evals else None, float(min(evals)) if evals else None,
+    return RunInfo(str(workdir), run.model.config.arm, run.step, last[1], last[0],
+                   min(v for _, v in evals) if evals else None,
                    run.tokenizer.spec, run.tokenizer.fingerprint,
                    vocab.fingerprint if vocab is not None else None,
                    run.tokenizer.vocab_size, run.cfg.to_dict())

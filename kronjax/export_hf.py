@@ -195,7 +195,6 @@ def _portable_spec(spec: str) -> str:
 def model_card(run: Loaded, info: RunInfo, tokenizer_note: str) -> str:
     """README.md: where the model came from and what it is, for a reader of the directory."""
     c = run.model.config
-    loss = lambda v: "not evaluated" if v is None else f"{v:.4f} nats"  # noqa: E731
     input_side = {"bpe_tied": "the learned table (wte), tied to the head",
                   "bpe_untied": "the learned table (wte); a separate head",
                   "kron": "K @ W, the fixed byte codec times the learned projection, "
@@ -203,13 +202,16 @@ def model_card(run: Loaded, info: RunInfo, tokenizer_note: str) -> str:
                   "kron_tied": "K @ W materialised once (V x d); the head is that table "
                                "times the arm's fixed logit factor"}[c.arm]
     rows = [("arm", c.arm), ("input table", input_side), ("step", info.step),
-            ("val loss at this step", loss(info.val_loss)),
-            ("best val loss up to it", loss(info.best_val_loss)),
+            ("val loss", "not evaluated" if info.val_loss is None
+             else f"{info.val_loss:.4f} nats (evaluated at step {info.val_step})"),
+            ("best val loss up to this step", "not evaluated" if info.best_val_loss is None
+             else f"{info.best_val_loss:.4f} nats"),
             ("shape", f"{c.n_layer} layers, {c.n_head} heads, d={c.n_embd}, "
                       f"context {c.block_size}, bias={c.bias}"),
             ("vocabulary", f"{info.tokenizer_vocab_size} tokenizer ids, padded to "
                            f"{c.vocab_size} rows"),
-            ("tokenizer", _portable_spec(info.tokenizer)), ("tokenizer fingerprint", info.tokenizer_fingerprint),
+            ("tokenizer", _portable_spec(info.tokenizer)),
+            ("tokenizer fingerprint", info.tokenizer_fingerprint),
             ("codec vocabulary fingerprint", info.vocab_fingerprint or "(no codec: bpe arm)"),
             ("exported tokenizer", tokenizer_note),
             ("training compute dtype", f"{c.dtype.name} (weights exported as float32)")]

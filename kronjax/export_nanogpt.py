@@ -83,6 +83,7 @@ def checkpoint(run: Loaded, info: RunInfo) -> dict[str, Any]:
     config = {"kronjax_arm": info.arm, "untied_head": info.arm != "bpe_tied",
               "tokenizer": info.tokenizer, "tokenizer_fingerprint": info.tokenizer_fingerprint,
               "vocab_fingerprint": info.vocab_fingerprint, "val_loss": info.val_loss,
+              "val_step": info.val_step,
               "kronjax_config": json.loads(json.dumps(info.config))}
     ck = {"model": sd, "model_args": model_args(run), "iter_num": info.step,
           "best_val_loss": best, "config": config}
