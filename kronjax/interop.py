@@ -57,6 +57,24 @@ def export_safetensors(path: str | os.PathLike, projection_DxF: Any,
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    tensors, meta = projection_tensors(projection_DxF, vocab, metadata)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        if not overwrite and path.exists():  # appeared while we were writing
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def projection_tensors(projection_DxF: Any, vocab: ByteVocab | None = None,
+                       metadata: Mapping[str, Any] | None = None
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and string metadata `export_safetensors` writes, in the torch layout:
+    also what kronjax.export puts in a nanoGPT checkpoint for the authors' module."""
     w_DxF = np.asarray(projection_DxF)
     if w_DxF.ndim != 2:
         raise InteropError(f"projection must be 2-D (D, d_model); got shape {w_DxF.shape}")
@@ -82,16 +100,7 @@ def export_safetensors(path: str | os.PathLike, projection_DxF: Any,
         if key in _RESERVED:
             raise InteropError(f"metadata key {key!r} is reserved (set by export_safetensors)")
         meta[key] = value if isinstance(value, str) else json.dumps(value)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        if not overwrite and path.exists():  # appeared while we were writing
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return tensors, meta
 
 
 def import_safetensors(path: str | os.PathLike
