@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.mesh.fsdp = 1
     cfg.mesh.tensor = 1
     cfg.mesh.vocab_parallel_ce = "auto"   # auto (when tensor > 1) | True | False: shard_map CE
-    # Logical axis -> mesh axes ("" = replicated, "data,fsdp" = both); kronjax.sharding
+    # Logical axis -> mesh axes ("" = replicated, "data,fsdp" = both); kronjax.mesh
     # DEFAULT_RULES for the names not listed; e.g. --config.mesh.rules.codec=""
     cfg.mesh.rules = ml_collections.ConfigDict()
     cfg.mesh.rules.batch = "data,fsdp"

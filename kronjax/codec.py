@@ -1,23 +1,23 @@
 """The Kronecker codec: byte rows -> z-normalised codec vectors, three exact ways.
 
-For a token with bytes b_0..b_{L-1} (L <= P = pos_dim), D = 256 * P:
+For a token with bytes b_0..b_{L-1} (L <= P = pos_dim), C = 256 * P:
 
-    x = (1/sqrt(L)) * sum_p onehot(b_p * P + p)          (R^D)
+    x = (1/sqrt(L)) * sum_p onehot(b_p * P + p)          (R^C)
     z = (x - mean(x)) / (std(x, ddof=1) + eps)            (eps = 1e-6, on the std)
-    e = z @ W                                             (W: D x F)
+    e = z @ W                                             (W: C x D)
 
 x has exactly L equal non-zeros at distinct indices, so mean and std depend on L only and
 
     e = (s * sum_p W[b_p * P + p] - mu * colsum(W)) / (sigma + eps)
 
-with s = 1/sqrt(L), mu = L*s/D, sigma = sqrt((L*s^2 - D*mu^2)/(D-1)). L = 0 gives e = 0.
+with s = 1/sqrt(L), mu = L*s/C, sigma = sqrt((L*s^2 - C*mu^2)/(C-1)). L = 0 gives e = 0.
 
 Three implementations, all exact against the authors' PyTorch package:
 - `reference_codec`: the NumPy formula (float64 inside), the independent oracle for tests.
 - `codec_vectors`: the dense on-the-fly computation in JAX (the paper's runtime variant).
-- `closed_form`: L row gathers and one shared column sum; no V x D table, no N x D intermediate.
-  Blocked loops with a hand-written VJP (scatter-add into W's (256, P, F) slabs), so that
-  on CPU its forward+backward beats `nn.Embed`'s (whose gradient is a dense V x F); on GPU
+- `closed_form`: L row gathers and one shared column sum; no V x C table, no N x C intermediate.
+  Blocked loops with a hand-written VJP (scatter-add into W's (256, P, D) slabs), so that
+  on CPU its forward+backward beats `nn.Embed`'s (whose gradient is a dense V x D); on GPU
   and TPU all tokens form one block (no sequential loop: XLA fuses the gathers there).
 """
 
@@ -58,14 +58,14 @@ def reference_codec(rows_NxP: np.ndarray, lengths_N: np.ndarray, eps: float = EP
     _check_rows(rows_NxP, lengths_N)
     n, pos_dim = rows_NxP.shape
     d = codec_dim(pos_dim)
-    x_NxD = np.zeros((n, d), np.float64)
+    x_NxC = np.zeros((n, d), np.float64)
     for i in range(n):
         length = int(lengths_N[i])
         for p in range(length):
-            x_NxD[i, int(rows_NxP[i, p]) * pos_dim + p] += 1.0 / np.sqrt(length)
-    mean = x_NxD.mean(axis=1, keepdims=True)
-    std = x_NxD.std(axis=1, ddof=1, keepdims=True)
-    return ((x_NxD - mean) / (std + eps)).astype(np.float32)
+            x_NxC[i, int(rows_NxP[i, p]) * pos_dim + p] += 1.0 / np.sqrt(length)
+    mean = x_NxC.mean(axis=1, keepdims=True)
+    std = x_NxC.std(axis=1, ddof=1, keepdims=True)
+    return ((x_NxC - mean) / (std + eps)).astype(np.float32)
 
 
 def flat_indices(rows_NxP: jax.Array) -> jax.Array:
@@ -78,8 +78,8 @@ def length_stats(lengths: jax.Array, pos_dim: int, eps: float = EPS
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(s, mu, 1/(sigma+eps)) per token, float32, from the length alone.
 
-    Computed in float64-equivalent closed algebra: var = (1 - L/D)/(D-1) for L > 0, which
-    avoids the cancellation of L*s^2 - D*mu^2. L = 0 gives (0, 0, 1/eps) and so z = 0.
+    Computed in float64-equivalent closed algebra: var = (1 - L/C)/(C-1) for L > 0, which
+    avoids the cancellation of L*s^2 - C*mu^2. L = 0 gives (0, 0, 1/eps) and so z = 0.
     """
     d = float(codec_dim(pos_dim))
     length_f = lengths.astype(jnp.float32)
@@ -92,10 +92,10 @@ def length_stats(lengths: jax.Array, pos_dim: int, eps: float = EPS
 
 
 def codec_vectors(rows_NxP: jax.Array, lengths_N: jax.Array, eps: float = EPS) -> jax.Array:
-    """Dense z-normed codec vectors (N, D) in float32, computed numerically from the bytes.
+    """Dense z-normed codec vectors (N, C) in float32, computed numerically from the bytes.
 
     This is the paper's on-the-fly variant: build x by one-hot scatter, then take the mean
-    and the Bessel-corrected std of each row. It materialises N x D; use it for reference
+    and the Bessel-corrected std of each row. It materialises N x C; use it for reference
     and small batches, and `closed_form` for training.
     """
     n, pos_dim = rows_NxP.shape
@@ -103,17 +103,17 @@ def codec_vectors(rows_NxP: jax.Array, lengths_N: jax.Array, eps: float = EPS) -
     valid_NxP = jnp.arange(pos_dim) < lengths_N[:, None]
     s_N, _, _ = length_stats(lengths_N, pos_dim, eps)
     vals_NxP = jnp.where(valid_NxP, s_N[:, None], 0.0).astype(jnp.float32)
-    x_NxD = jnp.zeros((n, d), jnp.float32)
-    x_NxD = x_NxD.at[jnp.arange(n)[:, None], flat_indices(rows_NxP)].add(vals_NxP)
-    mean = x_NxD.mean(axis=-1, keepdims=True)
-    centred = x_NxD - mean
+    x_NxC = jnp.zeros((n, d), jnp.float32)
+    x_NxC = x_NxC.at[jnp.arange(n)[:, None], flat_indices(rows_NxP)].add(vals_NxP)
+    mean = x_NxC.mean(axis=-1, keepdims=True)
+    centred = x_NxC - mean
     std = jnp.sqrt(jnp.sum(centred * centred, axis=-1, keepdims=True) / (d - 1))
     return centred / (std + eps)
 
 
 def codec_table(rows_VxP: np.ndarray, lengths_V: np.ndarray, eps: float = EPS,
                 chunk: int = 4096) -> np.ndarray:
-    """The (V, D) float32 constant table, built in chunks (V x D can be gigabytes)."""
+    """The (V, C) float32 constant table, built in chunks (V x C can be gigabytes)."""
     rows_VxP = np.asarray(rows_VxP)
     lengths_V = np.asarray(lengths_V)
     _check_rows(rows_VxP, lengths_V)
@@ -125,15 +125,15 @@ def codec_table(rows_VxP: np.ndarray, lengths_V: np.ndarray, eps: float = EPS,
     return np.concatenate(parts, axis=0)
 
 
-_BLOCK = 128  # tokens per block of the fused loops on CPU (a 128 x F block stays in L2);
-#              64-512 measured alike on a 2-core CPU. None: all tokens in one block.
+_BLOCK = 128  # tokens per block of the fused loops on CPU (a 128 x D block stays in L2);
+#              block sizes measured: docs/performance.md. None: all tokens in one block.
 _ACCELERATOR_BLOCK: int | None = None  # GPU/TPU: one block, i.e. no sequential loop: XLA
 #              fuses the P gathers into one kernel there, and a loop of small blocks would
 #              cost a few kernel launches per block.
 
 
-def _check_projection(w_DxF: jax.Array, pos_dim: int) -> None:
-    d = w_DxF.shape[0]
+def _check_projection(w_CxD: jax.Array, pos_dim: int) -> None:
+    d = w_CxD.shape[0]
     if d != codec_dim(pos_dim):
         raise ValueError(f"projection has {d} rows; pos_dim={pos_dim} needs {codec_dim(pos_dim)}")
 
@@ -182,7 +182,7 @@ class _Tokens:
         self.valid = None if valid is None else _pad_tokens(valid.astype(bool), self.total)
 
     def block_at(self, start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-        """(rows (B, P) int32, lengths (B,) int32, valid (B,) bool or None) of one block."""
+        """(rows (M, P) int32, lengths (M,) int32, valid (M,) bool or None) of one block."""
         take = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start,
                                  slice_size=self.block)
         valid = None if self.valid is None else take(self.valid)
@@ -196,87 +196,87 @@ class _Tokens:
                 self.lengths.at[safe].get(mode="promise_in_bounds"), valid)
 
 
-def _project_fwd_impl(w_DxF: jax.Array, tokens: _Tokens, eps: float,
+def _project_fwd_impl(w_CxD: jax.Array, tokens: _Tokens, eps: float,
                       normalise: bool) -> jax.Array:
     """(s * sum_{p<L} W[b_p*P+p] - mu * colsum(W)) * inv, one block of tokens at a time.
 
-    W is read as (256, P, F): position p gathers from its own (256, F) slab. Per block, the
+    W is read as (256, P, D): position p gathers from its own (256, D) slab. Per block, the
     P gathers, the length mask, the s/mu/sigma terms and the validity (NaN) mask are one
-    fused loop that writes the block's output rows once: nothing of shape (N, P, F) or
-    (N, D) exists. (Unblocked, the same expression is left unfused by XLA's CPU heuristics
-    in some contexts, materialising P gathers of (N, F); the scan makes the fusion reliable.)
+    fused loop that writes the block's output rows once: nothing of shape (N, P, D) or
+    (N, C) exists. (Unblocked, the same expression is left unfused by XLA's CPU heuristics
+    in some contexts, materialising P gathers of (N, D); the scan makes the fusion reliable.)
     """
-    pos_dim, f = tokens.pos_dim, w_DxF.shape[1]
+    pos_dim, f = tokens.pos_dim, w_CxD.shape[1]
     if tokens.n == 0:
-        return jnp.zeros((0, f), w_DxF.dtype)
-    w_CxPxF = w_DxF.reshape(CHAR_DIM, pos_dim, f)
-    colsum_F = jnp.sum(w_DxF, axis=0) if normalise else None
+        return jnp.zeros((0, f), w_CxD.dtype)
+    w_256xPxD = w_CxD.reshape(CHAR_DIM, pos_dim, f)
+    colsum_D = jnp.sum(w_CxD, axis=0) if normalise else None
 
     def one_block(i: jax.Array) -> jax.Array:
-        r_BxP, l_B, v_B = tokens.block_at(i * tokens.block)
-        acc_BxF = jnp.zeros((tokens.block, f), w_DxF.dtype)
+        r_MxP, l_M, v_M = tokens.block_at(i * tokens.block)
+        acc_MxD = jnp.zeros((tokens.block, f), w_CxD.dtype)
         for p in range(pos_dim):
-            row_BxF = w_CxPxF.at[r_BxP[:, p], p].get(mode="promise_in_bounds")
-            acc_BxF = acc_BxF + jnp.where((l_B > p)[:, None], row_BxF, 0)
+            row_MxD = w_256xPxD.at[r_MxP[:, p], p].get(mode="promise_in_bounds")
+            acc_MxD = acc_MxD + jnp.where((l_M > p)[:, None], row_MxD, 0)
         if normalise:
-            s_B, mu_B, inv_B = length_stats(l_B, pos_dim, eps)
-            acc_BxF = (s_B[:, None] * acc_BxF - mu_B[:, None] * colsum_F) * inv_B[:, None]
-        if v_B is not None:
-            acc_BxF = jnp.where(v_B[:, None], acc_BxF, jnp.nan)
-        return acc_BxF.astype(w_DxF.dtype)
+            s_M, mu_M, inv_M = length_stats(l_M, pos_dim, eps)
+            acc_MxD = (s_M[:, None] * acc_MxD - mu_M[:, None] * colsum_D) * inv_M[:, None]
+        if v_M is not None:
+            acc_MxD = jnp.where(v_M[:, None], acc_MxD, jnp.nan)
+        return acc_MxD.astype(w_CxD.dtype)
 
     _, out = jax.lax.scan(lambda c, i: (c, one_block(i)), None, jnp.arange(tokens.n_blocks))
     out = out.reshape(tokens.total, f)
     return out if tokens.total == tokens.n else out[:tokens.n]
 
 
-def _project_bwd_impl(ct_NxF: jax.Array, tokens: _Tokens, eps: float,
+def _project_bwd_impl(ct_NxD: jax.Array, tokens: _Tokens, eps: float,
                       normalise: bool) -> jax.Array:
-    """The exact transpose of `_project_fwd_impl`, with no (N, P, F) or (N, D) either.
+    """The exact transpose of `_project_fwd_impl`, with no (N, P, D) or (N, C) either.
 
     dW[b*P+p] += s*inv*ct for each valid (token, p), and every row of dW gets -sum(mu*inv*ct).
     A first pass over the blocks sums that shared term, which seeds the accumulator, so the
-    second scan's carry is the gradient itself (no second C x F buffer, no N-sized temporary);
-    it scatter-adds each block of tokens into the (256, F) slab of each position (invalid
+    second scan's carry is the gradient itself (no second C x D buffer, no N-sized temporary);
+    it scatter-adds each block of tokens into the (256, D) slab of each position (invalid
     positions index past the slab and are dropped). The slabs stay in cache and the cotangent
     is read in order. Invalid tokens (NaN outputs) contribute nothing, as under autodiff of
     a `where` (save that a non-finite cotangent at one would reach the shared term as 0*inf).
     """
-    pos_dim, f = tokens.pos_dim, ct_NxF.shape[1]
+    pos_dim, f = tokens.pos_dim, ct_NxD.shape[1]
     if tokens.n == 0:
         return jnp.zeros((codec_dim(pos_dim), f), jnp.float32)
-    ct = _pad_tokens(ct_NxF.astype(jnp.float32), tokens.total)
+    ct = _pad_tokens(ct_NxD.astype(jnp.float32), tokens.total)
 
-    def shared_block(acc_F: jax.Array, i: jax.Array):
+    def shared_block(acc_D: jax.Array, i: jax.Array):
         start = i * tokens.block
-        _, l_B, v_B = tokens.block_at(start)
-        _, mu_B, inv_B = length_stats(l_B, pos_dim, eps)
-        m_B = mu_B * inv_B if v_B is None else jnp.where(v_B, mu_B * inv_B, 0.0)
-        ct_BxF = jax.lax.dynamic_slice_in_dim(ct, start, tokens.block)
-        return acc_F + jnp.sum(m_B[:, None] * ct_BxF, axis=0), None
+        _, l_M, v_M = tokens.block_at(start)
+        _, mu_M, inv_M = length_stats(l_M, pos_dim, eps)
+        m_M = mu_M * inv_M if v_M is None else jnp.where(v_M, mu_M * inv_M, 0.0)
+        ct_MxD = jax.lax.dynamic_slice_in_dim(ct, start, tokens.block)
+        return acc_D + jnp.sum(m_M[:, None] * ct_MxD, axis=0), None
 
     if normalise:
-        shared_F, _ = jax.lax.scan(shared_block, jnp.zeros((f,), jnp.float32),
+        shared_D, _ = jax.lax.scan(shared_block, jnp.zeros((f,), jnp.float32),
                                    jnp.arange(tokens.n_blocks))
-        init = jnp.broadcast_to(-shared_F, (CHAR_DIM, pos_dim, f))
+        init = jnp.broadcast_to(-shared_D, (CHAR_DIM, pos_dim, f))
     else:
         init = jnp.zeros((CHAR_DIM, pos_dim, f), jnp.float32)
 
-    def one_block(dw_CxPxF: jax.Array, i: jax.Array):
+    def one_block(dw_256xPxD: jax.Array, i: jax.Array):
         start = i * tokens.block
-        r_BxP, l_B, v_B = tokens.block_at(start)
-        s_B, _, inv_B = _coefficients(l_B, pos_dim, eps, normalise)
-        h_BxF = (s_B * inv_B)[:, None] * jax.lax.dynamic_slice_in_dim(ct, start, tokens.block)
-        if v_B is not None:
-            h_BxF = jnp.where(v_B[:, None], h_BxF, 0.0)
-        valid_BxP = jnp.arange(pos_dim, dtype=jnp.int32) < l_B[:, None]
-        r_BxP = jnp.where(valid_BxP, r_BxP, CHAR_DIM)  # past the slab: dropped
+        r_MxP, l_M, v_M = tokens.block_at(start)
+        s_M, _, inv_M = _coefficients(l_M, pos_dim, eps, normalise)
+        h_MxD = (s_M * inv_M)[:, None] * jax.lax.dynamic_slice_in_dim(ct, start, tokens.block)
+        if v_M is not None:
+            h_MxD = jnp.where(v_M[:, None], h_MxD, 0.0)
+        valid_MxP = jnp.arange(pos_dim, dtype=jnp.int32) < l_M[:, None]
+        r_MxP = jnp.where(valid_MxP, r_MxP, CHAR_DIM)  # past the slab: dropped
         for p in range(pos_dim):
-            dw_CxPxF = dw_CxPxF.at[r_BxP[:, p], p].add(h_BxF, mode="drop")
-        return dw_CxPxF, None
+            dw_256xPxD = dw_256xPxD.at[r_MxP[:, p], p].add(h_MxD, mode="drop")
+        return dw_256xPxD, None
 
-    dw_CxPxF, _ = jax.lax.scan(one_block, init, jnp.arange(tokens.n_blocks))
-    return dw_CxPxF.reshape(codec_dim(pos_dim), f)
+    dw_256xPxD, _ = jax.lax.scan(one_block, init, jnp.arange(tokens.n_blocks))
+    return dw_256xPxD.reshape(codec_dim(pos_dim), f)
 
 
 def _per_platform(run: Any) -> jax.Array:
@@ -293,65 +293,53 @@ def _per_platform(run: Any) -> jax.Array:
                                       default=lambda: run(_ACCELERATOR_BLOCK))
 
 
-def _forward(w_DxF, rows, lengths, ids_N, valid_N, eps, normalise):
+def _forward(w_CxD, rows, lengths, ids_N, valid_N, eps, normalise):
     return _per_platform(lambda block: _project_fwd_impl(
-        w_DxF, _Tokens(rows, lengths, ids_N, valid_N, block), eps, normalise))
+        w_CxD, _Tokens(rows, lengths, ids_N, valid_N, block), eps, normalise))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _project(w_DxF: jax.Array, rows: jax.Array, lengths: jax.Array, ids_N: jax.Array | None,
+def _project(w_CxD: jax.Array, rows: jax.Array, lengths: jax.Array, ids_N: jax.Array | None,
              valid_N: jax.Array | None, eps: float, normalise: bool) -> jax.Array:
     """The closed form (normalise) or the plain gather-sum, with a hand-written VJP in W."""
-    return _forward(w_DxF, rows, lengths, ids_N, valid_N, eps, normalise)
+    return _forward(w_CxD, rows, lengths, ids_N, valid_N, eps, normalise)
 
 
-def _project_fwd(w_DxF, rows, lengths, ids_N, valid_N, eps, normalise):
-    out = _forward(w_DxF, rows, lengths, ids_N, valid_N, eps, normalise)
+def _project_fwd(w_CxD, rows, lengths, ids_N, valid_N, eps, normalise):
+    out = _forward(w_CxD, rows, lengths, ids_N, valid_N, eps, normalise)
     # residuals: the integer inputs only (W is not needed: the map is linear in W)
-    return out, (rows, lengths, ids_N, valid_N, jnp.zeros((0,), w_DxF.dtype))
+    return out, (rows, lengths, ids_N, valid_N, jnp.zeros((0,), w_CxD.dtype))
 
 
-def _project_bwd(eps, normalise, res, ct_NxF):
+def _project_bwd(eps, normalise, res, ct_NxD):
     rows, lengths, ids_N, valid_N, dtype_tag = res
     dw = _per_platform(lambda block: _project_bwd_impl(
-        ct_NxF, _Tokens(rows, lengths, ids_N, valid_N, block), eps, normalise))
+        ct_NxD, _Tokens(rows, lengths, ids_N, valid_N, block), eps, normalise))
     return dw.astype(dtype_tag.dtype), None, None, None, None
 
 
 _project.defvjp(_project_fwd, _project_bwd)
 
 
-def gather_sum(w_DxF: jax.Array, rows_NxP: jax.Array, lengths_N: jax.Array) -> jax.Array:
-    """sum_{p < L} W[b_p * P + p] for each token: the only per-token work of the closed form.
-
-    W is viewed as (256, P, F); position p reads its own (256, F) slab. Tokens go through
-    in blocks, with the P gathers fused, so there is no (N, P, F) intermediate; the
-    backward (a custom VJP) scatter-adds each block into the slabs.
-    """
-    w_DxF, rows_NxP, lengths_N = (jnp.asarray(x) for x in (w_DxF, rows_NxP, lengths_N))
-    _check_projection(w_DxF, rows_NxP.shape[-1])
-    return _project(w_DxF, rows_NxP, lengths_N, None, None, EPS, False)
-
-
-def closed_form(w_DxF: jax.Array, rows_NxP: jax.Array, lengths_N: jax.Array,
+def closed_form(w_CxD: jax.Array, rows_NxP: jax.Array, lengths_N: jax.Array,
                 eps: float = EPS, *, valid_N: jax.Array | None = None,
                 ids_N: jax.Array | None = None) -> jax.Array:
     """e = (s * sum_p W[idx_p] - mu * colsum(W)) / (sigma + eps), float32 accumulate.
 
-    Forward and backward are fused block loops (see `gather_sum`); the backward is the
-    exact transpose, a scatter-add into W's (256, P, F) slabs plus the shared colsum term.
+    Forward and backward are fused block loops (`_project_fwd_impl`); the backward is the
+    exact transpose, a scatter-add into W's (256, P, D) slabs plus the shared colsum term.
     It is a `jax.custom_vjp`: reverse mode (grad, vjp) works, forward mode (jvp) does not.
 
     valid_N (optional, bool (N,)): tokens where it is false embed to NaN and get no
     gradient: `jnp.where(valid_N[:, None], e, nan)`, but fused into the loops (a separate
-    `where` costs an extra (N, F) pass and buffer in both the forward and the backward).
+    `where` costs an extra (N, D) pass and buffer in both the forward and the backward).
 
     ids_N (optional, int (N,)): then rows_NxP and lengths_N are the vocabulary's tables,
     (V, P) and (V,), and token n is id ids_N[n]: each block gathers its own rows inside the
     loop (no (N, P) array), and ids outside [0, V) embed to NaN, as `nn.Embed`'s do.
     """
-    w_DxF, rows_NxP, lengths_N = (jnp.asarray(x) for x in (w_DxF, rows_NxP, lengths_N))
-    _check_projection(w_DxF, rows_NxP.shape[-1])
+    w_CxD, rows_NxP, lengths_N = (jnp.asarray(x) for x in (w_CxD, rows_NxP, lengths_N))
+    _check_projection(w_CxD, rows_NxP.shape[-1])
     n = rows_NxP.shape[0]
     if ids_N is not None:
         ids_N = jnp.asarray(ids_N)
@@ -360,5 +348,5 @@ def closed_form(w_DxF: jax.Array, rows_NxP: jax.Array, lengths_N: jax.Array,
         n = ids_N.shape[0]
     if valid_N is not None:
         valid_N = jnp.asarray(valid_N, bool).reshape((n,))
-    return _project(w_DxF.astype(jnp.float32), rows_NxP, lengths_N, ids_N, valid_N,
+    return _project(w_CxD.astype(jnp.float32), rows_NxP, lengths_N, ids_N, valid_N,
                     float(eps), True)

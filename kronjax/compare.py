@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-import kronjax.train as train_lib
+from kronjax import loop as train_lib
 from kronjax import config as config_lib
 from kronjax import stats
 from kronjax.model import ARMS

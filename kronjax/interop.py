@@ -1,7 +1,7 @@
 """Exchange the projection W (and optionally the byte vocabulary) with PyTorch via safetensors.
 
-The authors' PyTorch package keeps W as `projection.weight` of an `nn.Linear(D, d_model)`,
-i.e. (F, D); kronjax keeps it as (D, F). Files written here hold the torch layout, so
+The authors' PyTorch package keeps W as `projection.weight` of an `nn.Linear(C, d_model)`,
+i.e. (D, C); kronjax keeps it as (C, D). Files written here hold the torch layout, so
 
     tensors = safetensors.torch.load_file(path)
     module.load_state_dict({"projection.weight": tensors["projection.weight"]})
@@ -9,7 +9,7 @@ i.e. (F, D); kronjax keeps it as (D, F). Files written here hold the torch layou
 works on a `kronecker_embeddings.KroneckerEmbedding`, and a file saved from such a module's
 `state_dict()` imports here. Only `safetensors.numpy` is used: no torch needed.
 
-Tensors: projection.weight (F, D) float32; with a vocabulary also byte_buffer (V, P) uint8,
+Tensors: projection.weight (D, C) float32; with a vocabulary also byte_buffer (V, P) uint8,
 length_buffer (V,) int16 (the names of the package's buffers) and full_length_buffer (V,)
 int32 (lengths before truncation, -1 for padding: kronjax's coverage reports).
 Metadata (strings): format "kronjax-v1", pos_dim, d_model, codec_dim, char_dim, eps, norm,
@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from kronjax.codec import CHAR_DIM, EPS
+from kronjax.files import atomic_path
 from kronjax.vocab import ByteVocab
 
 FORMAT = "kronjax-v1"
@@ -42,11 +43,11 @@ class InteropError(ValueError):
     """A safetensors file (or an array to export) that kronjax cannot use as it is."""
 
 
-def export_safetensors(path: str | os.PathLike, projection_DxF: Any,
+def export_safetensors(path: str | os.PathLike, projection_CxD: Any,
                        vocab: ByteVocab | None = None,
                        metadata: Mapping[str, Any] | None = None,
                        overwrite: bool = False) -> Path:
-    """Write W (D, F) as `projection.weight` (F, D) float32, plus the vocabulary if given.
+    """Write W (C, D) as `projection.weight` (D, C) float32, plus the vocabulary if given.
 
     Refuses to replace an existing file unless overwrite=True; the file appears atomically
     (written beside it, then renamed), so an interrupted export leaves no partial file.
@@ -57,38 +58,33 @@ def export_safetensors(path: str | os.PathLike, projection_DxF: Any,
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    tensors, meta = projection_tensors(projection_DxF, vocab, metadata)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    tensors, meta = projection_tensors(projection_CxD, vocab, metadata)
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
         if not overwrite and path.exists():  # appeared while we were writing
             raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
-def projection_tensors(projection_DxF: Any, vocab: ByteVocab | None = None,
+def projection_tensors(projection_CxD: Any, vocab: ByteVocab | None = None,
                        metadata: Mapping[str, Any] | None = None
                        ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and string metadata `export_safetensors` writes, in the torch layout:
     also what kronjax.export puts in a nanoGPT checkpoint for the authors' module."""
-    w_DxF = np.asarray(projection_DxF)
-    if w_DxF.ndim != 2:
-        raise InteropError(f"projection must be 2-D (D, d_model); got shape {w_DxF.shape}")
-    if not _is_float(w_DxF.dtype):
-        raise InteropError(f"projection must be floating point; got {w_DxF.dtype}")
-    d, f = w_DxF.shape
-    pos_dim = _pos_dim_of(d, "projection rows (D)")
-    tensors = {WEIGHT: np.ascontiguousarray(w_DxF.astype(np.float32).T)}
+    w_CxD = np.asarray(projection_CxD)
+    if w_CxD.ndim != 2:
+        raise InteropError(f"projection must be 2-D (C, d_model); got shape {w_CxD.shape}")
+    if not _is_float(w_CxD.dtype):
+        raise InteropError(f"projection must be floating point; got {w_CxD.dtype}")
+    d, f = w_CxD.shape
+    pos_dim = _pos_dim_of(d, "projection rows (C)")
+    tensors = {WEIGHT: np.ascontiguousarray(w_CxD.astype(np.float32).T)}
     meta = {"format": FORMAT, "pos_dim": str(pos_dim), "d_model": str(f), "codec_dim": str(d),
             "char_dim": str(CHAR_DIM), "eps": repr(EPS), "norm": NORM}
     if vocab is not None:
         if vocab.codec_dim != d:
-            raise InteropError(f"projection has D={d} rows (pos_dim={pos_dim}) but the "
-                               f"vocabulary has pos_dim={vocab.pos_dim} (D={vocab.codec_dim})")
+            raise InteropError(f"projection has C={d} rows (pos_dim={pos_dim}) but the "
+                               f"vocabulary has pos_dim={vocab.pos_dim} (C={vocab.codec_dim})")
         tensors[BYTES] = np.ascontiguousarray(vocab.rows, np.uint8)
         tensors[LENGTHS] = np.ascontiguousarray(vocab.lengths, np.int16)
         tensors[FULL_LENGTHS] = np.ascontiguousarray(vocab.full_lengths, np.int32)
@@ -105,7 +101,7 @@ def projection_tensors(projection_DxF: Any, vocab: ByteVocab | None = None,
 
 def import_safetensors(path: str | os.PathLike
                        ) -> tuple[np.ndarray, ByteVocab | None, dict[str, str]]:
-    """Read (W (D, F) float32, ByteVocab or None, metadata) from a kronjax or torch file.
+    """Read (W (C, D) float32, ByteVocab or None, metadata) from a kronjax or torch file.
 
     Accepts a bare `state_dict()` of the PyTorch KroneckerEmbedding (no metadata, no
     vocabulary). Checks shapes against each other and against the metadata, and the
@@ -138,18 +134,18 @@ def import_safetensors(path: str | os.PathLike
 
     if meta.get("format", FORMAT) != FORMAT:
         raise InteropError(f"{path}: format {meta['format']!r} is not {FORMAT!r}")
-    w_FxD = tensors[WEIGHT]
-    if w_FxD.ndim != 2:
-        raise InteropError(f"{path}: {WEIGHT} must be 2-D (d_model, D); got {w_FxD.shape}")
-    if not _is_float(w_FxD.dtype):
-        raise InteropError(f"{path}: {WEIGHT} must be floating point; got {w_FxD.dtype}")
-    f_dim, d = w_FxD.shape
-    pos_dim = _pos_dim_of(d, f"{path}: {WEIGHT} columns (D)")
-    _check_meta_int(path, meta, "pos_dim", pos_dim, f"{WEIGHT} has D={d} = 256 * {pos_dim}")
-    _check_meta_int(path, meta, "codec_dim", d, f"{WEIGHT} has D={d}")
+    w_DxC = tensors[WEIGHT]
+    if w_DxC.ndim != 2:
+        raise InteropError(f"{path}: {WEIGHT} must be 2-D (d_model, C); got {w_DxC.shape}")
+    if not _is_float(w_DxC.dtype):
+        raise InteropError(f"{path}: {WEIGHT} must be floating point; got {w_DxC.dtype}")
+    f_dim, d = w_DxC.shape
+    pos_dim = _pos_dim_of(d, f"{path}: {WEIGHT} columns (C)")
+    _check_meta_int(path, meta, "pos_dim", pos_dim, f"{WEIGHT} has C={d} = 256 * {pos_dim}")
+    _check_meta_int(path, meta, "codec_dim", d, f"{WEIGHT} has C={d}")
     _check_meta_int(path, meta, "d_model", f_dim, f"{WEIGHT} has d_model={f_dim}")
-    w_DxF = np.ascontiguousarray(w_FxD.astype(np.float32).T)
-    return w_DxF, _read_vocab(path, tensors, meta, pos_dim), meta
+    w_CxD = np.ascontiguousarray(w_DxC.astype(np.float32).T)
+    return w_CxD, _read_vocab(path, tensors, meta, pos_dim), meta
 
 
 def _read_vocab(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str],
@@ -214,7 +210,7 @@ def _is_float(dtype: np.dtype) -> bool:
 def _pos_dim_of(d: int, what: str) -> int:
     if d <= 0 or d % CHAR_DIM:
         raise InteropError(f"{what} = {d} is not a positive multiple of {CHAR_DIM} "
-                           f"(D = 256 * pos_dim); is the weight transposed?")
+                           f"(C = 256 * pos_dim); is the weight transposed?")
     return d // CHAR_DIM
 
 

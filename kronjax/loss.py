@@ -1,9 +1,14 @@
-"""The output head and cross-entropy fused, in chunks of positions: no B x T x V logits.
+"""Every cross-entropy formula: plain, fused with the head in chunks, and per vocabulary shard.
+
+`cross_entropy` is the reference on materialised logits; `vocab_parallel_losses` is its
+per-device form when the logits are split over the vocabulary (kronjax.mesh runs it under
+shard_map); `fused_cross_entropy` fuses the output head with the loss in chunks of positions,
+so no B x T x V logits exist.
 
 The unfused loss writes the B x T x V logits, reads them back for the softmax, writes their
-gradient and reads that twice more for the two backward matmuls. At nanoGPT's CPU shape
-(4096 tokens, V 8192) that is 134 MB per pass and 4-8% of the train step; for GPT-2 124M
-on one GPU (a 64 x 1024 micro-batch, V 50304) the float32 logits alone are 13 GB. Here the
+gradient and reads that twice more for the two backward matmuls (for GPT-2 124M on one GPU,
+a 64 x 1024 micro-batch at V 50304, the float32 logits alone are 13 GB; what fusing saves
+on CPU is in docs/performance.md). Here the
 positions go through in chunks of B x tc tokens (a few MB of logits each), and the forward
 pass also computes the gradients: softmax(logits) - onehot(target) is consumed at once by
 the two matmuls that give d hidden and d head. Nothing of size V per token outlives a chunk.
@@ -19,6 +24,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """Mean next-token loss in nats, computed in float32."""
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxTxV.astype(jnp.float32), targets_BxT)
+    return losses_BxT.mean()
+
+
+def vocab_parallel_losses(logits_BxTxv: jax.Array, targets_BxT: jax.Array, axes: tuple[str, ...]
+                           ) -> jax.Array:
+    """Per-token losses of one shard of the vocabulary (inside shard_map over `axes`): this
+    device holds v = V / n logit columns; a pmax and two psums combine the shards, so the
+    V axis is never gathered. kronjax.mesh binds it to the mesh."""
+    v = logits_BxTxv.shape[-1]
+    offset = jax.lax.axis_index(axes) * v
+    logits = logits_BxTxv.astype(jnp.float32)
+    # The max only stabilises: lse is invariant to it, so it carries no gradient.
+    m_BxT = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), axes)
+    sumexp_BxT = jax.lax.psum(jnp.exp(logits - m_BxT[..., None]).sum(-1), axes)
+    local_BxT = targets_BxT - offset
+    mine_BxT = (local_BxT >= 0) & (local_BxT < v)
+    picked_BxT = jnp.take_along_axis(logits, jnp.clip(local_BxT, 0, v - 1)[..., None], -1)[..., 0]
+    target_logit_BxT = jax.lax.psum(jnp.where(mine_BxT, picked_BxT, 0.0), axes)
+    return m_BxT + jnp.log(sumexp_BxT) - target_logit_BxT
 
 
 def chunk_positions(batch: int, seq_len: int, chunk_tokens: int) -> int:

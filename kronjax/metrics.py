@@ -31,6 +31,9 @@ __all__ = [
     "mfu",
 ]
 
+METRICS_FILE = "metrics.jsonl"  # in the workdir (kronjax.run's layout)
+TB_DIR = "tb"
+
 # Peak dense bf16 FLOP/s per chip, matched as case-insensitive substrings of
 # `device.device_kind` in this order (more specific names first).
 PEAK_FLOPS: dict[str, float] = {
@@ -171,7 +174,7 @@ class MetricsWriter:
         postfix_keys: Sequence[str] = ("loss", "lr", "tokens_per_s", "mfu"),
     ) -> None:
         self.is_main = is_main
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = Path(workdir) / METRICS_FILE
         self._postfix_keys = tuple(postfix_keys)
         self._file: TextIO | None = None
         self._tb: Any = None  # tensorboardX.SummaryWriter, imported only when used
@@ -187,7 +190,7 @@ class MetricsWriter:
         if use_tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(Path(workdir) / "tb"), flush_secs=30)
+            self._tb = SummaryWriter(logdir=str(Path(workdir) / TB_DIR), flush_secs=30)
         if progress:
             self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
                              unit="step")

@@ -1,10 +1,17 @@
 """GPT-2 (nanoGPT's model.py) in Flax linen, with the embedding arm chosen by config.
 
-Shape letters, used in names across the package (`ids_BxT`, `x_BxTxD`, `w_CxD`):
+Shape letters, the one table for array names across the package (`ids_BxT`, `x_BxTxD`,
+`w_CxD`), the same meaning in every file:
   B batch, T sequence (<= block_size), D model width (n_embd), H heads, K head dim (D / H),
-  V vocabulary, F MLP hidden (4 D), P pos_dim, C codec width (256 * P).
+  V vocabulary, F MLP hidden (4 D), P pos_dim, C codec width (256 * P), 256 byte values
+  (W viewed as 256 x P x D), A micro-batches per step, N tokens flattened, M tokens in one
+  block of the codec's fused loops, Q / S query / key positions in attention.
 
-Arms (DESIGN.md section 4): bpe_tied (nanoGPT), bpe_untied, kron (codec + W, separate head),
+Activation shardings: kronjax.mesh.activation_interceptor, installed by the train step
+(step.loss_fn's `interceptor`), pins the output of `embed` and of every `Block` to
+(batch, -, -) when the model runs on a mesh; the model itself stays mesh-free.
+
+Arms (README "Train"): bpe_tied (nanoGPT), bpe_untied, kron (codec + W, separate head),
 kron_tied (logits against the codec-generated table K @ W).
 
 Logical axis names on every param (`LOGICAL_AXES`; the sharding rules map them to mesh axes):
@@ -27,7 +34,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kronjax.embed import MODES, ByteOverride, KroneckerEmbed
 from kronjax.layers import (INIT_STD, LN_EPS, LayerNorm, Linear, causal_attention, gelu,
@@ -37,6 +43,7 @@ from kronjax.vocab import ByteVocab
 
 ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
 KRON_TIED_LOGIT_SCALE = INIT_STD  # see GPT._head_operands: bpe_tied's logit scale at init
+PER_STEP = "per_step"  # variable collection: values a step computes once (GPT.per_step)
 LOGICAL_AXES = ("vocab", "embed", "codec", "position", "heads", "kv", "mlp", "norm")
 
 
@@ -108,6 +115,11 @@ class GPTConfig:
     @property
     def is_tied(self) -> bool:
         return self.arm in ("bpe_tied", "kron_tied")
+
+    @property
+    def has_per_step(self) -> bool:
+        """Whether GPT.per_step has values (kron_tied's codec table)."""
+        return self.arm == "kron_tied"
 
 
 def _layer_norm(c: GPTConfig, name: str) -> LayerNorm:
@@ -211,14 +223,44 @@ class GPT(nn.Module):
             self.lm_head = Linear((c.n_embd,), (c.vocab_size,), ("embed", "vocab"),
                                   use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype)
 
-    def embed(self, ids_BxT: jax.Array, *, train: bool = False,
-              override: Optional[ByteOverride] = None,
-              table_VxD: Optional[jax.Array] = None) -> jax.Array:
-        """Token + position embeddings, then dropout: x_BxTxD in the compute dtype.
+    # kron_tied's codec table K @ W is a function of W alone, used by the input side and the
+    # head. One forward computes it once (`_shared_table`) and hands it to the private
+    # helpers; a train step with several micro-batches computes it once per step instead:
+    # `per_step` gives it, and the step passes it back as the PER_STEP variable collection.
+    def per_step(self) -> dict[str, jax.Array]:
+        """What a step may compute once from the params and share across its micro-batches:
+        {"table_VxD": K @ W} for kron_tied, nothing for the other arms. Pass it back as
+        `model.apply({"params": p, PER_STEP: values}, ...)`."""
+        return {"table_VxD": self.tied_table()} if self.config.has_per_step else {}
 
-        table_VxD (kron arms): the codec table K @ W when the caller has it already (the
-        kron_tied head needs it): token rows are then looked up in it.
-        """
+    def tied_table(self) -> jax.Array:
+        """kron_tied: the codec table K @ W (V x D, float32), by the closed form."""
+        if self.config.arm != "kron_tied":
+            raise ValueError(f"only kron_tied has a codec-generated table; arm is "
+                             f"{self.config.arm!r}")
+        return self.kron.table()
+
+    def _given_table(self) -> Optional[jax.Array]:
+        """The PER_STEP table when the caller passed one (kron_tied), else None."""
+        if self.config.has_per_step and self.has_variable(PER_STEP, "table_VxD"):
+            return self.get_variable(PER_STEP, "table_VxD")
+        return None
+
+    def _shared_table(self) -> Optional[jax.Array]:
+        """kron_tied: the given table or K @ W computed now, shared by input and head."""
+        given = self._given_table()
+        if given is not None or not self.config.has_per_step:
+            return given
+        return self.tied_table()
+
+    def embed(self, ids_BxT: jax.Array, *, train: bool = False,
+              override: Optional[ByteOverride] = None) -> jax.Array:
+        """Token + position embeddings, then dropout: x_BxTxD in the compute dtype."""
+        return self._embed(ids_BxT, train, override, self._given_table())
+
+    def _embed(self, ids_BxT: jax.Array, train: bool, override: Optional[ByteOverride],
+               table_VxD: Optional[jax.Array]) -> jax.Array:
+        """`embed`; with kron_tied's table at hand, token rows are looked up in it."""
         c = self.config
         t = ids_BxT.shape[-1]
         if t > c.block_size:
@@ -238,14 +280,14 @@ class GPT(nn.Module):
         return self.drop(x_BxTxD, deterministic=not train)
 
     def from_embeddings(self, x_BxTxD: jax.Array, *, train: bool = False,
-                        return_hidden: bool = False,
-                        table_VxD: Optional[jax.Array] = None) -> Any:
-        """Blocks, final LayerNorm and head on embedded input; see `__call__` for the result.
+                        return_hidden: bool = False) -> Any:
+        """Blocks, final LayerNorm and head on embedded input; see `__call__` for the result."""
+        return self._from_embeddings(x_BxTxD, train, return_hidden, self._shared_table())
 
-        table_VxD: see `head`.
-        """
+    def _from_embeddings(self, x_BxTxD: jax.Array, train: bool, return_hidden: bool,
+                         table_VxD: Optional[jax.Array]) -> Any:
         h_BxTxD, blocks = self._trunk(x_BxTxD, train)
-        logits_BxTxV = self.head(h_BxTxD, table_VxD)
+        logits_BxTxV = self._head(h_BxTxD, table_VxD)
         if return_hidden:
             return {"logits": logits_BxTxV, "hidden": h_BxTxD, "blocks": blocks}
         return logits_BxTxV
@@ -258,31 +300,11 @@ class GPT(nn.Module):
             blocks.append(x_BxTxD)
         return self.ln_f(x_BxTxD), blocks
 
-    def tied_table(self) -> jax.Array:
-        """kron_tied: the codec table K @ W (V x D, float32), by the closed form.
+    def head(self, h_BxTxD: jax.Array) -> jax.Array:
+        """Output logits (float32) from final-LN hidden states, per arm."""
+        return self._head(h_BxTxD, self._shared_table())
 
-        A pure function of W: a train step with several micro-batches computes it once
-        (`jax.vjp`) and passes it to each micro-batch's `loss` / `__call__` as table_VxD.
-        """
-        if self.config.arm != "kron_tied":
-            raise ValueError(f"only kron_tied has a codec-generated table; arm is "
-                             f"{self.config.arm!r}")
-        return self.kron.table()
-
-    def _shared_table(self, table_VxD: Optional[jax.Array]) -> Optional[jax.Array]:
-        """kron_tied: the codec table K @ W, computed once and shared by input and head (or
-        the caller's, computed once per step); None for the other arms."""
-        if table_VxD is not None:
-            if self.config.arm != "kron_tied":
-                raise ValueError(f"table_VxD is only for kron_tied; arm is {self.config.arm!r}")
-            return table_VxD
-        return self.tied_table() if self.config.arm == "kron_tied" else None
-
-    def head(self, h_BxTxD: jax.Array, table_VxD: Optional[jax.Array] = None) -> jax.Array:
-        """Output logits (float32) from final-LN hidden states, per arm.
-
-        table_VxD (kron_tied only): the codec table K @ W if the caller already has it.
-        """
+    def _head(self, h_BxTxD: jax.Array, table_VxD: Optional[jax.Array]) -> jax.Array:
         if self.config.is_tied:
             h_BxTxD, w_VxD, _ = self._head_operands(h_BxTxD, table_VxD)
             logits = _attend(h_BxTxD, w_VxD, self.config.dtype)
@@ -291,21 +313,18 @@ class GPT(nn.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, ids_BxT: jax.Array, *, train: bool = False,
-                 override: Optional[ByteOverride] = None, return_hidden: bool = False,
-                 table_VxD: Optional[jax.Array] = None) -> Any:
+                 override: Optional[ByteOverride] = None, return_hidden: bool = False) -> Any:
         """ids_BxT -> logits_BxTxV (float32).
 
         With return_hidden: {"logits", "hidden": final-LN states BxTxD, "blocks": the n_layer
         block outputs BxTxD (residual stream, before ln_f)}, hidden states in compute dtype.
-        Dropout (train=True) draws from the "dropout" rng. table_VxD (kron_tied): the
-        `tied_table` if the caller has it already.
+        Dropout (train=True) draws from the "dropout" rng.
         """
-        table_VxD = self._shared_table(table_VxD)
-        x_BxTxD = self.embed(ids_BxT, train=train, override=override, table_VxD=table_VxD)
-        return self.from_embeddings(x_BxTxD, train=train, return_hidden=return_hidden,
-                                    table_VxD=table_VxD)
+        table_VxD = self._shared_table()
+        x_BxTxD = self._embed(ids_BxT, train, override, table_VxD)
+        return self._from_embeddings(x_BxTxD, train, return_hidden, table_VxD)
 
-    def head_weight(self, table_VxD: Optional[jax.Array] = None) -> tuple[jax.Array, bool]:
+    def _head_weight(self, table_VxD: Optional[jax.Array]) -> tuple[jax.Array, bool]:
         """The head's matrix and whether it is vocabulary-major: (V, D) tied tables (kron_tied:
         the codec table, before `_head_operands`' logit factor), else the (D, V) lm_head
         kernel."""
@@ -313,19 +332,18 @@ class GPT(nn.Module):
         if arm == "bpe_tied":
             return self.wte.embedding, True
         if arm == "kron_tied":
-            return self._shared_table(table_VxD), True
+            return table_VxD, True
         if self.is_initializing():  # create lm_head's kernel
             self.lm_head(jnp.zeros((1, self.config.n_embd), self.config.dtype))
         return nn.meta.unbox(self.lm_head.variables["params"]["kernel"]), False
 
     def loss(self, ids_BxT: jax.Array, targets_BxT: jax.Array, *, train: bool = False,
-             chunk_tokens: int = 512, table_VxD: Optional[jax.Array] = None) -> jax.Array:
+             chunk_tokens: int = 512) -> jax.Array:
         """Mean next-token loss (nats, float32) with the head and cross-entropy fused in chunks
         of about chunk_tokens tokens (kronjax.loss): the same value and gradients as
-        cross_entropy(self(ids), targets), without the B x T x V logits. table_VxD: as in
-        `__call__`."""
-        table_VxD = self._shared_table(table_VxD)
-        x_BxTxD = self.embed(ids_BxT, train=train, table_VxD=table_VxD)
+        kronjax.loss.cross_entropy(self(ids), targets), without the B x T x V logits."""
+        table_VxD = self._shared_table()
+        x_BxTxD = self._embed(ids_BxT, train, None, table_VxD)
         h_BxTxD, _ = self._trunk(x_BxTxD, train)
         h_BxTxD, w, vocab_major = self._head_operands(h_BxTxD, table_VxD)
         return fused_cross_entropy(h_BxTxD, w, targets_BxT, vocab_major=vocab_major,
@@ -333,7 +351,7 @@ class GPT(nn.Module):
 
     def _head_operands(self, h_BxTxD: jax.Array, table_VxD: Optional[jax.Array]
                        ) -> tuple[jax.Array, jax.Array, bool]:
-        """(h, head matrix, vocabulary-major) for the logits h @ W: `head_weight`, with
+        """(h, head matrix, vocabulary-major) for the logits h @ W: `_head_weight`, with
         kron_tied's fixed logit factor on the smaller of h (N x D) and the table (V x D).
 
         K @ W has unit-scale entries (z rows have norm sqrt(C), W std 1/sqrt(C)), 50x
@@ -342,19 +360,12 @@ class GPT(nn.Module):
         usually the smaller (a micro-batch of 8 x 1024 tokens against 50,304 rows), and a
         scaled table would be another V x D pass per micro-batch, forward and backward.
         """
-        w, vocab_major = self.head_weight(table_VxD)
+        w, vocab_major = self._head_weight(table_VxD)
         if self.config.arm != "kron_tied":
             return h_BxTxD, w, vocab_major
         if h_BxTxD.size <= w.size:
             return h_BxTxD * jnp.asarray(KRON_TIED_LOGIT_SCALE, h_BxTxD.dtype), w, vocab_major
         return h_BxTxD, w * KRON_TIED_LOGIT_SCALE, vocab_major
-
-
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """Mean next-token loss in nats, computed in float32."""
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxTxV.astype(jnp.float32), targets_BxT)
-    return losses_BxT.mean()
 
 
 def _size(tree: Any) -> int:

@@ -4,7 +4,7 @@ nanoGPT's recipe, expressed as an optax chain so the train step stays a plain
 `tx.update` and the schedule can be logged next to the loss. Weight decay is
 masked to matrices (ndim >= 2): decaying biases and LayerNorm scales towards
 zero only fights the normalisation. The Kronecker codec is a constant outside
-the params tree, so it never reaches this module (DESIGN.md section 1).
+the params tree, so it never reaches this module (see kronjax.embed).
 """
 
 from __future__ import annotations

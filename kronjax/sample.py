@@ -25,8 +25,8 @@ from kronjax import optim
 from kronjax.embed import ByteOverride
 from kronjax.model import GPT
 from kronjax.step import init_state
-from kronjax.tokenizers import Tokenizer
-from kronjax.train import data_dir_for, model_config, model_vocab
+from kronjax.data.tokenizers import Tokenizer
+from kronjax import run as run_lib
 
 OOV_MARK = "{oov}"
 
@@ -45,16 +45,15 @@ class Loaded:
 def load_run(workdir: str | Path, step: int | None = None) -> Loaded:
     """Rebuild the model of a run from its saved config and restore its params."""
     workdir = Path(workdir)
-    cfg_path = workdir / "config.json"
+    cfg_path = workdir / run_lib.CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{workdir} holds no config.json: is it a kronjax.train workdir?")
     cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-    ddir = data_dir_for(cfg)
+    ddir = run_lib.data_dir_for(cfg)
     tokenizer = data_lib.load_tokenizer_for(ddir)
-    mcfg = model_config(cfg, tokenizer.vocab_size)
-    vocab = model_vocab(mcfg, tokenizer)
-    model = GPT(mcfg, vocab)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", save_every=1)
+    model = run_lib.build_model(cfg, tokenizer.vocab_size, tokenizer.byte_vocab)
+    mcfg, vocab = model.config, model.vocab
+    checkpointer = ckpt.Checkpointer(workdir / run_lib.CHECKPOINTS, save_every=1)
     try:
         meta = checkpointer.read_meta(step)
         if meta is None:

@@ -15,11 +15,12 @@ import re
 import zipfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from kronjax.codec import CHAR_DIM, EPS
+from kronjax.files import atomic_path
 
 _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SP_SPACE = "\u2581"
@@ -200,11 +201,10 @@ class ByteVocab:
             if ByteVocab.load(path) == self:
                 return
             raise FileExistsError(f"{path} already holds a different vocabulary; not overwriting")
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, rows=self.rows, lengths=self.lengths, full_lengths=self.full_lengths,
-                 source=np.array(self.source), fingerprint=np.array(self.fingerprint),
-                 format_version=np.array(FORMAT_VERSION))
-        tmp.replace(path)
+        with atomic_path(path, suffix=".npz") as tmp:  # np.savez adds .npz to other names
+            np.savez(tmp, rows=self.rows, lengths=self.lengths, full_lengths=self.full_lengths,
+                     source=np.array(self.source), fingerprint=np.array(self.fingerprint),
+                     format_version=np.array(FORMAT_VERSION))
 
     @classmethod
     def load(cls, path: str | Path) -> "ByteVocab":
@@ -225,8 +225,3 @@ class ByteVocab:
 def _is_user_defined(processor: Any, i: int) -> bool:
     fn = getattr(processor, "is_user_defined", None)
     return bool(fn(i)) if fn is not None else False
-
-
-def vocab_from_strings(words: Iterable[str], pos_dim: int = 16) -> ByteVocab:
-    """Convenience for probes and tests: a vocabulary of UTF-8 words."""
-    return ByteVocab.from_bytes([w.encode("utf-8") for w in words], pos_dim)

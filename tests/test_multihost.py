@@ -63,10 +63,10 @@ def _local(n: int, devices: int, args: list[str], timeout: int = 300
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kronjax import config as config_lib
-    from kronjax import train
+    from kronjax import run as run_lib
 
     d = tmp_path_factory.mktemp("mh") / "pydoc"
-    train.ensure_data(config_lib.build_config(TINY, [("data.dir", str(d))]), progress=False)
+    run_lib.ensure_data(config_lib.build_config(TINY, [("data.dir", str(d))]), progress=False)
     return d
 
 
@@ -104,14 +104,14 @@ def test_two_process_checkpoint_resumes_in_one_process(runs: dict[str, Path], da
     """Step 4 of the 2-process run (a 4-device mesh), resumed here on 1 device: steps 5..8
     equal the uninterrupted run's, so state and data position came back onto the new mesh."""
     from kronjax import config as config_lib
-    from kronjax import train
+    from kronjax import loop
 
     wd = tmp_path / "resumed"
     shutil.copytree(runs["two"], wd)
     shutil.rmtree(wd / "checkpoints" / "8")
     cfg = config_lib.build_config(TINY, [("data.dir", str(data_dir)),
                                          *[(k, str(v)) for k, v in RUN.items()]])
-    result = train.train(cfg, wd, stop=lambda: False)
+    result = loop.train(cfg, wd, stop=lambda: False)
     assert result.step == 8
     got, want = _records(wd), _records(runs["two"])
     for step in range(5, 9):
@@ -146,10 +146,11 @@ def _worker(tokens_path: str, out_dir: str) -> None:
     from jax.experimental import multihost_utils
 
     from kronjax import data as data_lib
-    from kronjax import sharding
-    from kronjax.train import split_micro
+    from kronjax import mesh as sharding
+    from kronjax.run import initialize_distributed
+    from kronjax.step import split_micro
 
-    assert sharding.initialize_distributed("auto")
+    assert initialize_distributed("auto")
     import jax
 
     assert jax.process_count() == 2 and jax.device_count() == 4

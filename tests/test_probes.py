@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import tiny_runs
-from kronjax import codec, encode_bytes, probe
+from kronjax import codec, encode_bytes
+from kronjax.probes import __main__ as probe
 from kronjax.probes import common, generation, geometry, robustness
 
 

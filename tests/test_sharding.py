@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from kronjax import sharding
+from kronjax import mesh as sharding
+from kronjax import run as run_lib
+from kronjax.loss import cross_entropy
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
@@ -75,18 +77,18 @@ def test_config_rules_match_the_default_table() -> None:
 
 
 def test_detect_cluster_from_environment() -> None:
-    assert sharding.detect_cluster({}) is None
-    assert sharding.detect_cluster({sharding.ENV_COORDINATOR: "127.0.0.1:1234"}) == "env"
+    assert run_lib.detect_cluster({}) is None
+    assert run_lib.detect_cluster({run_lib.ENV_COORDINATOR: "127.0.0.1:1234"}) == "env"
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "8",
              "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
-    assert sharding.detect_cluster(slurm) == "slurm"
-    assert sharding.detect_cluster({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: local
-    assert sharding.detect_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
-    assert sharding.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
-    assert sharding.initialize_distributed("off") is False
-    assert sharding.initialize_distributed("auto") is False  # nothing detected here
+    assert run_lib.detect_cluster(slurm) == "slurm"
+    assert run_lib.detect_cluster({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: local
+    assert run_lib.detect_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
+    assert run_lib.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert run_lib.initialize_distributed("off") is False
+    assert run_lib.initialize_distributed("auto") is False  # nothing detected here
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
-        sharding.initialize_distributed("yes")
+        run_lib.initialize_distributed("yes")
 
 
 def test_fit_spec_keeps_what_divides() -> None:
@@ -107,7 +109,8 @@ def _worker() -> dict[str, Any]:
     import optax
 
     from kronjax import config as config_lib
-    from kronjax import dryrun, optim, train
+    from kronjax import optim
+    from kronjax import step as step_mod
     from kronjax.model import GPT
 
     assert jax.device_count() == 8, jax.devices()
@@ -125,8 +128,8 @@ def _worker() -> dict[str, Any]:
             ("model.arm", arm), ("mesh.data", str(d)), ("mesh.fsdp", str(f)),
             ("mesh.tensor", str(t)), ("train.grad_accum", str(grad_accum)),
             ("mesh.vocab_parallel_ce", vp)])
-        mcfg = train.model_config(cfg, vocab_n)
-        vocab = (dryrun.synthetic_vocab(vocab_n, mcfg.pos_dim).pad_to(mcfg.vocab_size)
+        mcfg = run_lib.model_config(cfg, vocab_n)
+        vocab = (run_lib.synthetic_vocab(vocab_n, mcfg.pos_dim).pad_to(mcfg.vocab_size)
                  if mcfg.is_kron else None)
         model = GPT(mcfg, vocab)
         if opt == "sgd":  # the update is the gradient itself: a sharp comparison
@@ -135,14 +138,14 @@ def _worker() -> dict[str, Any]:
         else:
             tx, schedule = optim.from_config(cfg)
         devices = jax.devices()[:d * f * t]
-        plan = train.make_plan(cfg, model, tx, devices)
+        plan = run_lib.make_plan(cfg, model, tx, devices)
         if (arm, opt) not in inits:  # init is sharding-invariant (partitionable threefry)
             inits[arm, opt] = jax.device_get(jax.jit(
-                lambda: train.init_state(model, tx, 0, mcfg.block_size))())
+                lambda: step_mod.init_state(model, tx, 0, mcfg.block_size))())
         state = jax.device_put(inits[arm, opt], plan.state_sh)
         step = plan.step_fn(model, tx, schedule)
         key = jax.device_put(jax.random.key(1), sharding.replicated(plan.mesh))
-        gb = sharding.global_batch(train.split_micro(batch, grad_accum), plan.micro_sh,
+        gb = sharding.global_batch(step_mod.split_micro(batch, grad_accum), plan.micro_sh,
                                    plan.micro_shape)
         state, m1 = step(state, gb, key)
         state, m2 = step(state, gb, key)  # donated state: the second step reuses buffers
@@ -156,7 +159,7 @@ def _worker() -> dict[str, Any]:
         return {"loss": [float(m1["loss"]), float(m2["loss"])],
                 "grad_norm": float(m1["grad_norm"]), "params": flat, "specs": specs,
                 "opt_specs": opt_specs, "batch_spec": str(plan.micro_sh.spec),
-                "vocab_parallel": train.use_vocab_parallel_ce(cfg, plan.mesh),
+                "vocab_parallel": run_lib.use_vocab_parallel_ce(cfg, plan.mesh),
                 "param_keys": sorted(params)}
 
     for arm in ("kron", "bpe_tied", "kron_tied"):
@@ -178,7 +181,7 @@ def _worker() -> dict[str, Any]:
         targets = jax.random.randint(jax.random.key(4), (8, 5), 0, 512)
         vp = sharding.vocab_parallel_cross_entropy(mesh, rules)
         v1, g1 = jax.jit(jax.value_and_grad(vp))(logits, targets)
-        v0, g0 = jax.jit(jax.value_and_grad(sharding.plain_cross_entropy))(logits, targets)
+        v0, g0 = jax.jit(jax.value_and_grad(cross_entropy))(logits, targets)
         text = jax.jit(vp).lower(logits, targets).as_text()
         out["ce"]["x".join(map(str, shape))] = {
             "vp": float(v1), "plain": float(v0), "grad_err": float(np.abs(g1 - g0).max()),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kronjax.tokenizers import load_tokenizer, train_sentencepiece
+from kronjax.data.tokenizers import load_tokenizer, train_sentencepiece
 
 TRICKY = "Hello  world\n\n\tx = 12345 ☃ 𝔘 é  trailing  \n<|endoftext|> end"
 

@@ -18,8 +18,9 @@ import pytest
 
 from kronjax import checkpoint as ckpt
 from kronjax import config as config_lib
+from kronjax import loop
+from kronjax import run as run_lib
 from kronjax import step as step_mod
-from kronjax import train
 from kronjax.model import GPT, GPTConfig
 from kronjax.vocab import ByteVocab
 
@@ -47,7 +48,7 @@ def losses(workdir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("data") / "pydoc"
-    train.ensure_data(tiny_cfg(d), progress=False)
+    run_lib.ensure_data(tiny_cfg(d), progress=False)
     return d
 
 
@@ -55,7 +56,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def full_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 8-step kron run: the reference the resumed runs must equal."""
     wd = tmp_path_factory.mktemp("full")
-    result = train.train(tiny_cfg(data_dir), wd, stop=lambda: False)
+    result = loop.train(tiny_cfg(data_dir), wd, stop=lambda: False)
     assert result.step == 8 and not result.preempted
     return wd
 
@@ -91,10 +92,10 @@ def test_resume_gives_identical_losses(full_run: Path, data_dir: Path, tmp_path:
     """Stopped after step 3 (off the save cadence): the stop saves step 3, and the resumed
     run's losses equal the uninterrupted run's step by step, bit for bit."""
     stops = iter([False, False, True])
-    first = train.train(tiny_cfg(data_dir), tmp_path, stop=lambda: next(stops, False))
+    first = loop.train(tiny_cfg(data_dir), tmp_path, stop=lambda: next(stops, False))
     assert first.preempted and first.step == 3
     assert ckpt.Checkpointer(tmp_path / "checkpoints", save_every=4).all_steps() == [3]
-    second = train.train(tiny_cfg(data_dir), tmp_path, stop=lambda: False)
+    second = loop.train(tiny_cfg(data_dir), tmp_path, stop=lambda: False)
     assert second.step == 8
     assert losses(tmp_path) == losses(full_run)
 
@@ -105,7 +106,7 @@ TOK_VOCAB = 512
 def _byte_model(data_dir: Path, arm: str) -> tuple[Any, GPT]:
     """The tiny config for `arm` with a 512-id byte vocabulary (no tokenizer needed)."""
     cfg = tiny_cfg(data_dir, **{"model.arm": arm})
-    mcfg = train.model_config(cfg, TOK_VOCAB)
+    mcfg = run_lib.model_config(cfg, TOK_VOCAB)
     vocab = ByteVocab.from_bytes([bytes([i % 256]) * (1 + i % 5) for i in range(TOK_VOCAB)],
                                  mcfg.pos_dim).pad_to(mcfg.vocab_size)
     return cfg, GPT(mcfg, vocab)
@@ -122,26 +123,26 @@ def test_grad_accumulation_equals_one_big_batch(data_dir: Path, arm: str) -> Non
     import optax
     schedule = optax.constant_schedule(1.0)
     tx = optax.sgd(schedule)
-    state = train.init_state(model, tx, 0, mcfg.block_size)
+    state = step_mod.init_state(model, tx, 0, mcfg.block_size)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, TOK_VOCAB, (8, mcfg.block_size + 1)).astype(np.int32)
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
-    step = jax.jit(lambda s, b, share=True: train.train_step(
+    step = jax.jit(lambda s, b, share=True: step_mod.train_step(
         s, b, jax.random.key(0), model=model, tx=tx, schedule=schedule, share_table=share),
         static_argnums=2)
-    one, m1 = step(state, train.split_micro(batch, 1))
-    four, m4 = step(state, train.split_micro(batch, 4))
+    one, m1 = step(state, step_mod.split_micro(batch, 1))
+    four, m4 = step(state, step_mod.split_micro(batch, 4))
     runs = [(four, m4)]
     if arm == "kron_tied":
         assert step_mod.table_once_per_step(model, 4) and not step_mod.table_once_per_step(model, 1)
-        runs.append(step(state, train.split_micro(batch, 4), False))  # table per micro-batch
+        runs.append(step(state, step_mod.split_micro(batch, 4), False))  # table per micro-batch
     for other, m in runs:
         np.testing.assert_allclose(float(m1["loss"]), float(m["loss"]), rtol=1e-5)
         np.testing.assert_allclose(float(m1["grad_norm"]), float(m["grad_norm"]), rtol=1e-4)
         for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(other["params"])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="not divisible by grad_accum"):
-        train.split_micro(batch, 3)
+        step_mod.split_micro(batch, 3)
 
 
 @pytest.mark.parametrize("arm", ["bpe_tied", "kron_tied", "kron"])
@@ -152,14 +153,14 @@ def test_fused_head_loss_step_equals_unfused(data_dir: Path, arm: str) -> None:
     mcfg = model.config
     from kronjax import optim
     tx, schedule = optim.from_config(cfg)
-    assert train.make_plan(cfg, model, tx).ce_chunk == cfg.train.ce_chunk > 0
-    state = train.init_state(model, tx, 0, mcfg.block_size)
+    assert run_lib.make_plan(cfg, model, tx).ce_chunk == cfg.train.ce_chunk > 0
+    state = step_mod.init_state(model, tx, 0, mcfg.block_size)
     ids = np.random.default_rng(1).integers(0, TOK_VOCAB, (4, mcfg.block_size + 1))
-    batch = train.split_micro({"inputs": ids[:, :-1].astype(np.int32),
+    batch = step_mod.split_micro({"inputs": ids[:, :-1].astype(np.int32),
                                "targets": ids[:, 1:].astype(np.int32)}, 2)
 
     def step(chunk: int):
-        return jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), model=model,
+        return jax.jit(lambda s, b: step_mod.train_step(s, b, jax.random.key(0), model=model,
                                                      tx=tx, schedule=schedule,
                                                      ce_chunk=chunk))(state, batch)
 
@@ -174,12 +175,12 @@ def test_fused_head_loss_step_equals_unfused(data_dir: Path, arm: str) -> None:
 
 def test_ce_chunk_config_is_checked_and_off_under_vocab_parallel(data_dir: Path) -> None:
     with pytest.raises(ValueError, match="train.ce_chunk must be an integer >= 0"):
-        train.ce_chunk_tokens(tiny_cfg(data_dir, **{"train.ce_chunk": -8}))
+        run_lib.ce_chunk_tokens(tiny_cfg(data_dir, **{"train.ce_chunk": -8}))
     cfg = tiny_cfg(data_dir, **{"mesh.vocab_parallel_ce": True, "model.arm": "bpe_tied"})
-    model = GPT(train.model_config(cfg, 512))
+    model = GPT(run_lib.model_config(cfg, 512))
     from kronjax import optim
     tx, _ = optim.from_config(cfg)
-    assert train.make_plan(cfg, model, tx).ce_chunk == 0   # the shard_map CE needs logits
+    assert run_lib.make_plan(cfg, model, tx).ce_chunk == 0   # the shard_map CE needs logits
 
 
 @pytest.mark.parametrize("override,key", [
@@ -198,7 +199,7 @@ def test_incompatible_resume_is_refused(full_run: Path, data_dir: Path, tmp_path
         overrides["data.dir"] = str(tmp_path / "data384")
     before = sorted(p.name for p in (wd / "checkpoints").iterdir())
     with pytest.raises(ckpt.IncompatibleCheckpointError, match=key):
-        train.train(tiny_cfg(data_dir, **overrides), wd, stop=lambda: False)
+        loop.train(tiny_cfg(data_dir, **overrides), wd, stop=lambda: False)
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before
 
 
@@ -213,7 +214,7 @@ def test_interrupted_save_resumes_from_previous(full_run: Path, data_dir: Path,
     with ckpt.Checkpointer(ck, save_every=4) as opened:   # removes the stale tmp directory
         assert opened.latest_step() == 4
     assert not (ck / "8.orbax-checkpoint-tmp").exists()
-    result = train.train(tiny_cfg(data_dir), wd, stop=lambda: False)
+    result = loop.train(tiny_cfg(data_dir), wd, stop=lambda: False)
     assert result.step == 8
     assert losses(wd) == losses(full_run)
 
@@ -221,8 +222,8 @@ def test_interrupted_save_resumes_from_previous(full_run: Path, data_dir: Path,
 def test_non_finite_loss_stops_and_keeps_last_good(data_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(data_dir, **{"optim.peak_lr": 1e12, "optim.grad_clip": 0.0,
                                 "train.checkpoint_every": 1, "train.steps": 30})
-    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
-        train.train(cfg, tmp_path, stop=lambda: False)
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint"):
+        loop.train(cfg, tmp_path, stop=lambda: False)
     steps = ckpt.Checkpointer(tmp_path / "checkpoints", save_every=1).all_steps()
     bad = max(losses(tmp_path)) if losses(tmp_path) else None
     assert steps and (bad is None or max(steps) < bad + 1)

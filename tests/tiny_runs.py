@@ -47,7 +47,7 @@ def get(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
 def _build(root: Path) -> TinyRuns:
     from kronjax import compare
     from kronjax import config as config_lib
-    from kronjax.train import train
+    from kronjax.loop import train
 
     data, out = root / "data", root / "compare"
     overrides = [("train.steps", str(STEPS)), ("train.eval_every", "5"),

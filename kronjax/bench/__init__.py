@@ -26,12 +26,11 @@ PyTorch), cli.
 from kronjax.bench.cli import build_parser, main
 from kronjax.bench.embed import (EMBED_BASELINE, REF_BASELINE, byte_vocab, corpus_ids,
                                  format_embed_table, run_embed)
-from kronjax.bench.step import (STEP_ARMS, STEP_BASELINE, VOCAB_SOURCES, StepArm,
-                                format_step_table, jax_step_arm, run_step, step_vocab,
-                                synthetic_bpe_vocab)
-from kronjax.bench.timing import Arm, machine_info, machine_line, time_interleaved
+from kronjax.bench.step import (STEP_ARMS, STEP_BASELINE, VOCAB_SOURCES, format_step_table,
+                                jax_step_arm, run_step, step_vocab)
+from kronjax.bench.timing import Arm, StepArm, machine_info, machine_line, time_interleaved
 
 __all__ = ["Arm", "EMBED_BASELINE", "REF_BASELINE", "STEP_ARMS", "STEP_BASELINE", "StepArm",
            "VOCAB_SOURCES", "build_parser", "byte_vocab", "corpus_ids", "format_embed_table",
            "format_step_table", "jax_step_arm", "machine_info", "machine_line", "main",
-           "run_embed", "run_step", "step_vocab", "synthetic_bpe_vocab", "time_interleaved"]
+           "run_embed", "run_step", "step_vocab", "time_interleaved"]

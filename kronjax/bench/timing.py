@@ -84,6 +84,16 @@ class Arm:
                 "output_bytes": self.output_bytes, "loss": self.loss, "note": self.note}
 
 
+@dataclasses.dataclass
+class StepArm(Arm):
+    """An Arm that is one full train step of a model, with what is needed for its row."""
+
+    tokens: int = 0               # per step
+    flops_per_token: float | None = None
+    params: dict[str, int] | None = None
+    memory: dict[str, int | None] | None = None
+
+
 def time_interleaved(arms: Sequence[Arm], reps: int, warmup: int = 1,
                      slow_reps: int | None = None, slow_s: float = 1.0) -> None:
     """Warm every arm up, then time them in `reps` interleaved rounds (into arm.times_ms).

@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from kronjax.bench.timing import cpu_cores
-from kronjax.bench.step import StepArm
+from kronjax.bench.timing import StepArm, cpu_cores
 
 
 def torch_step_arms(mcfg: Any, vocab: Any, cfg: Any, inputs_BxT: np.ndarray,

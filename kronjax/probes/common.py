@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax.corpora import json_lines
+from kronjax.data.corpora import json_lines
 from kronjax.embed import ByteOverride
 from kronjax.model import GPT
 from kronjax.sample import Loaded, load_run

@@ -32,7 +32,7 @@ import numpy as np
 
 from kronjax import codec
 from kronjax.probes import common
-from kronjax.tokenizers import Tokenizer, load_tokenizer
+from kronjax.data.tokenizers import Tokenizer, load_tokenizer
 from kronjax.vocab import encode_bytes
 
 DEFAULT_WORDS = common.DATA_DIR / "geometry_words.jsonl"

@@ -13,12 +13,12 @@ import abc
 import functools
 import hashlib
 import io
-import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kronjax.files import write_atomic
 
 if TYPE_CHECKING:
     from kronjax.vocab import ByteVocab
@@ -251,18 +251,3 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str
         raise ValueError("sentencepiece training produced no model: were the texts empty?")
     write_atomic(out, buf.getvalue())
     return out
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules, state and batch shardings, multi-host setup.
+"""Device mesh, logical-axis rules, state and batch shardings; the loss bound to the mesh.
 
 The mesh has three axes, sized by `config.mesh` (-1 fills the remaining devices):
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,9 +31,10 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from kronjax.model import GPT, LOGICAL_AXES, cross_entropy
+from kronjax.loss import cross_entropy, vocab_parallel_losses
+from kronjax.model import GPT, LOGICAL_AXES
 
-log = logging.getLogger("kronjax.sharding")
+log = logging.getLogger("kronjax.mesh")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = "batch"  # the logical name of a batch dimension (activations and data)
@@ -53,69 +53,6 @@ DEFAULT_RULES: Rules = (
     ("position", None),
     ("norm", None),
 )
-
-# Multi-process launch by environment (launch/local.sh sets these).
-ENV_COORDINATOR = "KRONJAX_COORDINATOR"
-ENV_NUM_PROCESSES = "KRONJAX_NUM_PROCESSES"
-ENV_PROCESS_ID = "KRONJAX_PROCESS_ID"
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-               "SLURM_LOCALID")
-
-
-# -- multi-host ----------------------------------------------------------------------------
-def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
-    """'env' (KRONJAX_COORDINATOR), 'slurm' (srun with > 1 task), 'tpu' (a multi-host TPU
-    slice that advertises its workers) or None: a single process."""
-    env = os.environ if environ is None else environ
-    if env.get(ENV_COORDINATOR):
-        return "env"
-    if all(v in env for v in _SLURM_VARS) and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return "slurm"
-    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
-    if "," in hosts or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return "tpu"
-    return None
-
-
-def initialize_distributed(mode: str = "auto", *, coordinator: str = "", num_processes: int = 0,
-                           process_id: int = -1) -> bool:
-    """Call `jax.distributed.initialize` when asked or when the environment calls for it.
-
-    mode: "off" never; "on" always (explicit arguments if given, else JAX's cluster
-    auto-detection: SLURM, Cloud TPU, Kubernetes, MPI); "auto" only when `detect_cluster`
-    finds several processes. KRONJAX_COORDINATOR / KRONJAX_NUM_PROCESSES /
-    KRONJAX_PROCESS_ID (set by launch/local.sh) win over everything but "off", and select
-    gloo collectives for CPU devices. Must run before anything touches a JAX device.
-    Returns whether JAX runs distributed.
-    """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"dist.initialize must be 'auto', 'on' or 'off'; got {mode!r}")
-    if jax.distributed.is_initialized():
-        return True
-    if mode == "off":
-        return False
-    cluster = detect_cluster()
-    if cluster == "env":
-        try:
-            coordinator = os.environ[ENV_COORDINATOR]
-            num_processes = int(os.environ[ENV_NUM_PROCESSES])
-            process_id = int(os.environ[ENV_PROCESS_ID])
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{ENV_COORDINATOR} is set, so {ENV_NUM_PROCESSES} and "
-                             f"{ENV_PROCESS_ID} must be integers too: {e}") from e
-    elif mode == "auto" and cluster is None:
-        return False
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only
-    kwargs: dict[str, Any] = {}
-    if coordinator:
-        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
-                      process_id=process_id)
-    log.info("jax.distributed.initialize(%s) [%s]", kwargs or "auto-detect", cluster or mode)
-    jax.distributed.initialize(**kwargs)
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
-    return True
-
 
 # -- mesh and rules ------------------------------------------------------------------------
 def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
@@ -393,33 +330,14 @@ def activation_interceptor(mesh: Mesh, rules: Rules) -> Callable[..., Any]:
     return interceptor
 
 
-# -- cross-entropy -------------------------------------------------------------------------
-plain_cross_entropy = cross_entropy  # the unsharded loss, for where the vocabulary is whole
-
-
-def _vocab_parallel_losses(logits_BxTxv: jax.Array, targets_BxT: jax.Array, axes: tuple[str, ...]
-                           ) -> jax.Array:
-    """Per device: this shard's v = V / n vocabulary columns; three collectives over `axes`."""
-    v = logits_BxTxv.shape[-1]
-    offset = jax.lax.axis_index(axes) * v
-    logits = logits_BxTxv.astype(jnp.float32)
-    # The max only stabilises: lse is invariant to it, so it carries no gradient.
-    m_BxT = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), axes)
-    sumexp_BxT = jax.lax.psum(jnp.exp(logits - m_BxT[..., None]).sum(-1), axes)
-    local_BxT = targets_BxT - offset
-    mine_BxT = (local_BxT >= 0) & (local_BxT < v)
-    picked_BxT = jnp.take_along_axis(logits, jnp.clip(local_BxT, 0, v - 1)[..., None], -1)[..., 0]
-    target_logit_BxT = jax.lax.psum(jnp.where(mine_BxT, picked_BxT, 0.0), axes)
-    return m_BxT + jnp.log(sumexp_BxT) - target_logit_BxT
-
-
+# -- the loss on the mesh (its formulas are kronjax.loss's) ------------------------------------
 def vocab_parallel_cross_entropy(mesh: Mesh, rules: Rules) -> Callable[[jax.Array, jax.Array],
                                                                        jax.Array]:
     """Mean next-token loss with logits split over the vocabulary's mesh axes (shard_map).
 
     Each device sees B_local x T x V/n logits and never gathers the V axis: a max, a sum of
     exponentials and the target's logit are combined with one pmax and two psums. Falls back
-    to `plain_cross_entropy` where the vocabulary is not split (or V does not divide).
+    to `cross_entropy` where the vocabulary is not split (or V does not divide).
     """
 
     def ce(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -427,8 +345,8 @@ def vocab_parallel_cross_entropy(mesh: Mesh, rules: Rules) -> Callable[[jax.Arra
         spec = logical_sharding((BATCH, None, "vocab"), (b, t, v), mesh, rules, "logits").spec
         vocab_axes = _axes_tuple(spec[2])
         if not vocab_axes or math.prod(mesh.shape[a] for a in vocab_axes) == 1:
-            return plain_cross_entropy(logits_BxTxV, targets_BxT)
-        fn = jax.shard_map(lambda lg, tg: _vocab_parallel_losses(lg, tg, vocab_axes), mesh=mesh,
+            return cross_entropy(logits_BxTxV, targets_BxT)
+        fn = jax.shard_map(lambda lg, tg: vocab_parallel_losses(lg, tg, vocab_axes), mesh=mesh,
                            in_specs=(spec, P(spec[0], None)), out_specs=P(spec[0], None))
         return fn(logits_BxTxV, targets_BxT).mean()
 
@@ -437,11 +355,11 @@ def vocab_parallel_cross_entropy(mesh: Mesh, rules: Rules) -> Callable[[jax.Arra
 
 def constrained_cross_entropy(mesh: Mesh, rules: Rules) -> Callable[[jax.Array, jax.Array],
                                                                     jax.Array]:
-    """`plain_cross_entropy` with the logits pinned to (batch, -, vocab) for XLA to partition."""
+    """`cross_entropy` with the logits pinned to (batch, -, vocab) for XLA to partition."""
 
     def ce(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
         sh = logical_sharding((BATCH, None, "vocab"), logits_BxTxV.shape, mesh, rules, "logits")
-        return plain_cross_entropy(jax.lax.with_sharding_constraint(logits_BxTxV, sh), targets_BxT)
+        return cross_entropy(jax.lax.with_sharding_constraint(logits_BxTxV, sh), targets_BxT)
 
     return ce
 

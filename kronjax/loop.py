@@ -1,0 +1,119 @@
+"""The training loop: step, evaluate, log, checkpoint, until the configured step count.
+
+`train` assembles the run (kronjax.run), then iterates one jitted step per batch. Rerunning
+resumes, on any mesh; SIGTERM saves and exits 0; a non-finite loss stops with an error and
+keeps the last good checkpoint. `python -m kronjax.train` is its command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from kronjax import checkpoint as ckpt
+from kronjax import mesh as mesh_lib
+from kronjax import metrics as metrics_lib
+from kronjax import run as run_lib
+from kronjax.model import n_params_nonembedding, param_counts
+from kronjax.step import split_micro
+
+log = logging.getLogger("kronjax.loop")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss went NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    last_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    preempted: bool
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
+          stop: Callable[[], bool] | None = None) -> RunResult:
+    """Train (or resume) the run in workdir; returns its final numbers.
+
+    Multi-host: every process calls this with the same config and workdir (shared storage);
+    jax.distributed is initialised first, per cfg.dist. `stop` is polled after every step
+    (default: a SIGTERM flag, installed before anything else so a signal during setup still
+    ends in a clean save; under jax.distributed JAX's preemption sync point does this).
+    """
+    run_lib.distributed_from_config(cfg)
+    if stop is not None:
+        return _train(run_lib.assemble(cfg, Path(workdir)), stop)
+    flag = ckpt.install_sigterm_handler()
+    try:
+        return _train(run_lib.assemble(cfg, Path(workdir)), flag)
+    finally:
+        getattr(flag, "uninstall", lambda: None)()
+
+
+def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
+    cfg, plan, state, checkpointer = run.cfg, run.plan, run.state, run.checkpointer
+    mcfg = run.model.config
+    steps, n_micro = int(cfg.train.steps), int(cfg.train.grad_accum)
+    counts = param_counts(state["params"], mcfg)
+    log.info("params: %s", json.dumps(counts))
+    fpt = metrics_lib.flops_per_token(n_params_nonembedding(state["params"], mcfg),
+                                      mcfg.n_layer, mcfg.n_head, mcfg.head_dim, mcfg.block_size)
+    peak = metrics_lib.device_peak_flops()
+    writer = metrics_lib.MetricsWriter(run.workdir, is_main=run.is_main, total_steps=steps,
+                                       progress=run.progress, initial_step=int(state["step"]))
+    if int(state["step"]) == 0:
+        writer.write(0, {f"params_{k}": v for k, v in counts.items()})
+
+    step_fn = plan.step_fn(run.model, run.tx, run.schedule)
+    eval_fn = plan.eval_fn(run.model)
+    rng = jax.jit(lambda: jax.random.key(int(cfg.seed) + 1),  # a global array, every process
+                  out_shardings=mesh_lib.replicated(plan.mesh))()
+    tokens_per_step = int(cfg.train.batch_size) * mcfg.block_size
+    step = int(state["step"])
+    last_loss, val_loss, val_bpb, preempted = float("nan"), None, None, False
+    throughput = metrics_lib.Throughput(window=1)  # each step's own rate
+    try:
+        while step < steps:
+            batch = mesh_lib.global_batch(split_micro(next(run.data_iter), n_micro),
+                                          plan.micro_sh, plan.micro_shape)
+            state, m = step_fn(state, batch, rng)
+            step += 1
+            m = jax.device_get(m)
+            last_loss = float(m["loss"])
+            if not math.isfinite(last_loss):
+                raise NonFiniteLossError(
+                    f"loss is {last_loss} at step {step}; stopping without saving, the last "
+                    f"good checkpoint (step {checkpointer.latest_step()}) is kept in "
+                    f"{run.workdir}")
+            record = {k: float(v) for k, v in m.items()}
+            record["tokens_per_s"] = throughput.tick(tokens_per_step) or float("inf")
+            mfu = metrics_lib.mfu(record["tokens_per_s"], fpt, jax.device_count(), peak) if peak else None
+            if mfu is not None:
+                record["mfu"] = mfu
+            if step % int(cfg.train.eval_every) == 0 or step == steps:
+                val_loss = float(np.mean([float(eval_fn(state["params"], b))
+                                          for b in run.eval_set]))
+                val_bpb = val_loss / math.log(2) / run.bytes_per_token
+                record.update(val_loss=val_loss, val_bpb=val_bpb)
+                throughput.reset()  # evaluation time is not training throughput
+            writer.write(step, record)
+            if stop() or checkpointer.reached_preemption(step):
+                checkpointer.save(step, state, run.data_iter, run.meta, force=True)
+                preempted = True
+                log.warning("stop requested: saved step %d, exiting", step)
+                break
+            checkpointer.save(step, state, run.data_iter, run.meta, force=step == steps)
+    finally:
+        checkpointer.close()
+        writer.close()
+    return RunResult(step, last_loss, val_loss, val_bpb, preempted)
