@@ -266,11 +266,11 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
     refs = summary["reference_arms"]
     lines = [f"## Arm comparison ({summary['steps']} steps, reference arm(s) "
              f"{', '.join(f'`{r}`' for r in refs)})", "",
-             "| arm | input-side params | seeds | final val loss (nats) | val bits/byte |",
+             "| arm | seeds | input-side params | final val loss (nats) | val bits/byte |",
              "|---|---|---|---|---|"]
     for arm, d in summary["arms"].items():
         n_in = summary["input_params"].get(arm)
-        lines.append(f"| {arm} | {'-' if n_in is None else f'{n_in:,}'} | {d['val_loss']['n']} "
+        lines.append(f"| {arm} | {d['val_loss']['n']} | {'-' if n_in is None else f'{n_in:,}'} "
                      f"| {pm(d['val_loss'])} | {pm(d['val_bpb'])} |")
     seeds = sorted({s for per in summary["per_seed"].values() for s in per["val_loss"]}, key=int)
     lines += ["", "Per seed, final val loss / bits per byte:", "",

@@ -2,9 +2,11 @@
 
 The step is lowered for the configured mesh on abstract inputs (ShapeDtypeStructs carrying
 their shardings): no data is loaded and no parameter is materialised. `--topology cpu:N`
-simulates N CPU devices; PLATFORM:NAME compiles for devices that
-jax.experimental.topologies can describe without having them (a TPU slice, with libtpu).
-Memory figures are XLA's `memory_analysis()` of the compiled step, per device.
+simulates N CPU devices; a Cloud TPU accelerator type (v4-8, v5litepod-16) or PLATFORM:NAME
+compiles for devices that jax.experimental.topologies describes without having them
+(kronjax.topology; TPUs need libtpu). Memory figures are XLA's `memory_analysis()` of the
+compiled step, per device, set against the chip's HBM where it is known; `cost` is XLA's
+`cost_analysis()` of the same program.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ml_collections
 from kronjax import mesh as mesh_lib
 from kronjax import optim
 from kronjax import run as run_lib
+from kronjax import topology as topology_lib
 from kronjax.model import param_counts
 from kronjax.step import table_once_per_step
 from kronjax.data.tokenizers import load_tokenizer
@@ -56,45 +59,6 @@ def dry_run_vocab(cfg: ml_collections.ConfigDict, vocab_size: int | None = None
     return n, lambda p: run_lib.synthetic_vocab(n, p), f"SYNTHETIC vocabulary of {n} ids ({reason})"
 
 
-def _topology_value(text: str) -> Any:
-    """'2x2x1' -> (2, 2, 1); '4' -> 4; anything else stays text."""
-    if all(p.isdigit() for p in text.split("x")):
-        parts = tuple(int(p) for p in text.split("x"))
-        return parts if len(parts) > 1 else parts[0]
-    return text
-
-
-def topology_devices(topology: str | None) -> list[jax.Device]:
-    """Devices to compile for: this host's (None, or cpu:N after main set the count), or the
-    compile-only devices of a topology jax.experimental.topologies can describe:
-    PLATFORM:NAME[,key=value...], e.g. tpu:v4:2x2x1,chips_per_host_bounds=2x2x1,num_slices=1
-    (keys are get_topology_desc's keyword arguments; AxBxC values become int tuples)."""
-    if not topology or topology.startswith("cpu:"):
-        devices = jax.devices()
-        if topology and len(devices) != int(topology[4:]):
-            raise DryRunError(f"--topology {topology}: JAX already has {len(devices)} devices; "
-                              "set it before anything initialises JAX (use the CLI)")
-        return devices
-    from jax.experimental import topologies
-
-    platform, _, rest = topology.partition(":")
-    name, *pairs = rest.split(",")
-    kwargs = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq:
-            raise DryRunError(f"--topology {topology}: expected key=value after the name, got "
-                              f"{pair!r}")
-        kwargs[key] = _topology_value(value)
-    try:
-        return list(topologies.get_topology_desc(name, platform, **kwargs).devices)
-    except Exception as e:  # noqa: BLE001 - re-raised with what to do
-        raise DryRunError(f"--topology {topology}: JAX cannot describe this topology here "
-                          f"({type(e).__name__}: {e}). TPU topologies need libtpu (pip install "
-                          "'jax[tpu]'); for CPU use cpu:N; for GPUs run --dry_run on a host "
-                          "with the target GPUs per node") from e
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB"
 
@@ -106,7 +70,7 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
     No data is loaded and no parameter is materialised: shapes come from jax.eval_shape, and
     the step is lowered on ShapeDtypeStructs carrying their shardings. Returns the numbers.
     """
-    devices = topology_devices(topology)
+    devices = topology_lib.topology_devices(topology)
     n_tok, make_vocab, vocab_note = dry_run_vocab(cfg, vocab_size)
     model = run_lib.build_model(cfg, n_tok, make_vocab)
     mcfg = model.config
@@ -140,6 +104,10 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
                   "generated_code": mem.generated_code_size_in_bytes}
         fields["total"] = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]
         report["memory_per_device"] = fields
+        if (hbm := topology_lib.hbm_bytes(devices)) is not None:
+            report["hbm_per_device"] = hbm
+            report["fits"] = fields["total"] <= hbm
+    report["cost"] = step_cost(compiled)
     a, bm, t = plan.micro_shape
     out(f"dry run: arm {mcfg.arm}, {len(devices)} x {devices[0].device_kind} "
         f"({devices[0].platform}), mesh {report['mesh']}")
@@ -159,4 +127,25 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
     else:
         out("compiled step memory per device: " + ", ".join(
             f"{k} {_gib(v)}" for k, v in report["memory_per_device"].items()))
+    if "hbm_per_device" in report:
+        total, hbm = report["memory_per_device"]["total"], report["hbm_per_device"]
+        out(f"{'fits' if report['fits'] else 'DOES NOT FIT'}: {_gib(total)} of "
+            f"{_gib(hbm)} HBM per chip ({100 * total / hbm:.1f}%)")
+    if report["cost"]:
+        out("XLA cost analysis of the step, per device: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in report["cost"].items()))
     return report
+
+
+COST_KEYS = ("flops", "bytes accessed", "transcendentals")
+
+
+def step_cost(compiled: Any) -> dict[str, float]:
+    """XLA's own estimate of the compiled step (per device): flops, bytes, transcendentals."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis reports none
+        return {}
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    return {k: float(cost[k]) for k in COST_KEYS if k in (cost or {})}

@@ -11,6 +11,7 @@ their name and compile as one device per chip, as jax.make_mesh requires for the
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -132,6 +133,9 @@ def _value(text: str) -> Any:
 def _describe(name: str, platform: str, kwargs: dict[str, Any], shown: str) -> list[jax.Device]:
     from jax.experimental import topologies
 
+    # Compile-only devices never touch a chip, so libtpu's one-process-per-host lock would
+    # only make two dry runs (or a test and its subprocess) on one host refuse each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(name, platform, **kwargs).devices)
     except Exception as e:  # noqa: BLE001 - re-raised with what to do

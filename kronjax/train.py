@@ -7,8 +7,9 @@ on any mesh; SIGTERM saves and exits 0; a non-finite loss stops with an error an
 last good checkpoint.
 
 --dry_run compiles the step ahead of time for the configured mesh on abstract inputs (no data,
-no params) and prints per-device memory; --topology cpu:8 simulates 8 CPU devices, tpu:NAME
-compiles for a TPU slice JAX can describe. --distributed forces jax.distributed.initialize
+no params) and prints per-device memory and XLA's cost estimate; --topology cpu:8 simulates 8
+CPU devices, --topology v5litepod-16 (any Cloud TPU accelerator type, with the tpu extra)
+compiles for that slice with libtpu and says whether the step fits the chip's HBM. --distributed forces jax.distributed.initialize
 (otherwise: KRONJAX_COORDINATOR from launch/local.sh, or SLURM / TPU pods, are detected).
 """
 
@@ -43,9 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true",
                         help="compile the step for the mesh on abstract inputs; print memory")
     parser.add_argument("--topology", default=None,
-                        help="with --dry_run: cpu:N (N simulated CPU devices) or "
+                        help="with --dry_run: a Cloud TPU accelerator type as gcloud writes it "
+                             "(v4-8, v5litepod-16, v5p-128, v6e-8, 2xv4-32; needs the tpu "
+                             "extra), cpu:N (N simulated CPU devices), or "
                              "PLATFORM:NAME[,key=value...] for jax.experimental.topologies, "
-                             "e.g. tpu:v4:2x2x1,chips_per_host_bounds=2x2x1,num_slices=1")
+                             "e.g. tpu:v5e:2x2")
     parser.add_argument("--vocab_size", type=int, default=None,
                         help="with --dry_run: compile with a synthetic vocabulary of N ids")
     args = parser.parse_args(rest)
@@ -68,10 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--topology cpu:N needs an integer N; got {args.topology!r}")
             jax.config.update("jax_platforms", "cpu")
         from kronjax import dryrun
+        from kronjax.topology import TopologyError
 
         try:
             report = dryrun.dry_run(cfg, topology=args.topology, vocab_size=args.vocab_size)
-        except dryrun.DryRunError as e:
+        except (dryrun.DryRunError, TopologyError) as e:
             parser.exit(2, f"{parser.prog}: error: {e}\n")
         print(json.dumps(report))
         return 0

@@ -215,6 +215,23 @@ def test_tpu_pod_launcher_runs_on_every_worker(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "TPU_NAME ZONE" in bad.stderr
 
 
+def test_tpu_pod_dry_run_is_the_same_line_compiled_here(tmp_path: Path) -> None:
+    """--dry-run runs the pod command on this host with --dry_run --topology TYPE added."""
+    log = _fake_bin(tmp_path, "gcloud")
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    pod = ["my-v4-32", "us-central2-b", "--type", "v4-32", "--", "echo", "python", "-m",
+           "kronjax.train", "--distributed", "--config.model.arm=kron"]
+    proc = subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh"), "--dry-run", *pod],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["python", "-m", "kronjax.train", "--config.model.arm=kron",
+                                   "--dry_run", "--topology", "v4-32"]
+    assert not log.exists(), "a dry run must not reach the slice"
+    untyped = subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh"), "--dry-run", "x", "z",
+                              "--", "echo"], capture_output=True, text=True, env=env, timeout=60)
+    assert untyped.returncode == 2 and "--type" in untyped.stderr
+
+
 def test_slurm_script_starts_one_distributed_process_per_task(tmp_path: Path) -> None:
     log = _fake_bin(tmp_path, "srun")
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",

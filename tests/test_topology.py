@@ -76,3 +76,25 @@ def test_libtpu_describes_one_device_per_chip(name: str, devices: int, kind: str
     assert len(d) == devices and d[0].device_kind == kind
     assert len({x.process_index for x in d}) == processes
     assert topology.hbm_bytes(d) == hbm * 2 ** 30
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name, mesh, devices", [
+    ("v4-8", {}, 4),                                            # megacore: one device per chip
+    ("v5litepod-16", {"data": 2, "fsdp": 4, "tensor": 2}, 16),  # 4 hosts, every mesh axis
+    ("v6e-8", {}, 8),
+])
+def test_the_tiny_step_compiles_for_a_slice(name: str, mesh: dict[str, int], devices: int) -> None:
+    from kronjax import config as config_lib
+    from kronjax import dryrun
+
+    overrides = [(f"mesh.{k}", str(v)) for k, v in mesh.items()]
+    cfg = config_lib.build_config(config_lib.REPO_CONFIGS / "tiny.py", overrides)
+    lines: list[str] = []
+    rep = dryrun.dry_run(cfg, topology=name, out=lines.append)
+    assert (rep["platform"], rep["devices"]) == ("tpu", devices)
+    assert rep["mesh"] == {"data": devices, "fsdp": 1, "tensor": 1} | mesh
+    total = rep["memory_per_device"]["total"]
+    assert 0 < total <= rep["hbm_per_device"] and rep["fits"]
+    assert rep["cost"]["flops"] > 0 and rep["cost"]["bytes accessed"] > 0
+    assert any(line.startswith("fits: ") for line in lines), lines
