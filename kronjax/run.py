@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import optax
 
 from kronjax import checkpoint as ckpt
 from kronjax import config as config_lib
+from kronjax import console
 from kronjax import data as data_lib
 from kronjax import mesh as mesh_lib
 from kronjax import metrics as metrics_lib
@@ -376,7 +376,9 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     from workdir's latest checkpoint (refused if it disagrees with `run_meta`) or new."""
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    progress = bool(cfg.train.progress) and sys.stderr.isatty() and is_main
+    # A bar only where it can be drawn and where INFO lines show (not under --quiet).
+    progress = (bool(cfg.train.progress) and is_main and console.is_terminal()
+                and log.isEnabledFor(logging.INFO))
     ddir = ensure_data_everywhere(cfg, progress=progress)
     data_meta = data_lib.load_meta(ddir)
     tokenizer = data_lib.load_tokenizer_for(ddir)
@@ -401,6 +403,8 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
                                                num_batches=int(cfg.data.eval_batches),
                                                process_index=ke, process_count=ne)]
     val = data_meta["splits"]["val"]
+    log.info("data: %s (%s) from %s: %s train / %s val tokens", cfg.data.source,
+             data_meta["tokenizer"], ddir, f"{len(train_tokens):,}", f"{len(val_tokens):,}")
     bytes_per_token = val["bytes"] / max(val["tokens"], 1)
 
     checkpointer = ckpt.Checkpointer(workdir / CHECKPOINTS,
@@ -412,6 +416,7 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
         state = restore(checkpointer, plan.abstract, data_iter)
         log.info("resumed from step %d in %s", int(state["step"]), workdir)
     else:
+        log.info("new run in %s", workdir)
         init = functools.partial(init_state, model, tx, int(cfg.seed), seq_len)
         state = jax.jit(init, out_shardings=plan.state_sh)()
     if is_main:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,7 @@ import jax
 import ml_collections
 
 from kronjax import config as config_lib
+from kronjax import console
 from kronjax.loop import train
 
 
@@ -51,10 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "e.g. tpu:v5e:2x2")
     parser.add_argument("--vocab_size", type=int, default=None,
                         help="with --dry_run: compile with a synthetic vocabulary of N ids")
+    parser.add_argument("--log-level", "--log_level", dest="log_level", default="info",
+                        choices=console.LEVELS,
+                        help="what to print on stderr (default: info, a line every "
+                             "train.log_every steps)")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="warnings and errors only, no progress bar (= --log-level warning)")
     args = parser.parse_args(rest)
     if (args.topology or args.vocab_size) and not args.dry_run:
         parser.error("--topology and --vocab_size apply to --dry_run only")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.setup_logging("warning" if args.quiet else args.log_level)
     try:
         cfg = config_lib.build_config(args.config, overrides)
     except config_lib.ConfigError as e:

@@ -46,10 +46,8 @@ def losses(workdir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("data") / "pydoc"
-    run_lib.ensure_data(tiny_cfg(d), progress=False)
-    return d
+def data_dir(tiny_data: Path) -> Path:
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
