@@ -15,11 +15,13 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from kronjax.errors import UserError
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = REPO_CONFIGS / "default.py"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that cannot be applied."""
 
 
@@ -96,8 +98,8 @@ def parse_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
             if "=" in body:
                 key, value = body.split("=", 1)
             else:
-                if i + 1 >= len(args):
-                    raise ConfigError(f"{arg} needs a value")
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise ConfigError(f"{arg} needs a value ({arg}=VALUE or {arg} VALUE)")
                 key, value = body, args[i + 1]
                 i += 1
             overrides.append((key, value))
@@ -113,6 +115,32 @@ def build_config(path: str | Path | None, overrides: Sequence[tuple[str, str]]
     for key, value in overrides:
         apply_override(cfg, key, value)
     return cfg
+
+
+# Settings a run divides by or counts with: (key, what it means), each an integer >= 1.
+POSITIVE_INTS = (("train.steps", "optimizer steps"),
+                 ("train.batch_size", "sequences per optimizer step"),
+                 ("train.grad_accum", "micro-batches per step"),
+                 ("train.eval_every", "steps between evaluations"),
+                 ("train.checkpoint_every", "steps between checkpoints"),
+                 ("train.log_every", "steps between log lines"),
+                 ("train.keep_checkpoints", "checkpoints kept"),
+                 ("data.eval_batches", "validation batches"))
+
+
+def check_run_config(cfg: ml_collections.ConfigDict) -> None:
+    """Refuse settings a run cannot use before anything is prepared or compiled (batch_size=0
+    was a ZeroDivisionError, eval_every=0 one after compiling). Keys a config lacks are skipped."""
+    for key, meaning in POSITIVE_INTS:
+        section, leaf = key.split(".")
+        if leaf not in cfg.get(section, {}):
+            continue
+        value = cfg[section][leaf]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be an integer >= 1 ({meaning}); got {value!r}")
+    b, a = int(cfg.train.batch_size), int(cfg.train.grad_accum)
+    if b % a:
+        raise ConfigError(f"train.batch_size {b} is not divisible by train.grad_accum {a}")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

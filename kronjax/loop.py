@@ -1,12 +1,13 @@
 """The training loop: step, evaluate, log, checkpoint, until the configured step count.
 
 `train` assembles the run (kronjax.run), then iterates one jitted step per batch. Rerunning
-resumes, on any mesh; SIGTERM saves and exits 0; a non-finite loss stops with an error and
+resumes, on any mesh; SIGTERM or Ctrl-C saves and exits 0; a non-finite loss stops with an error and
 keeps the last good checkpoint. `python -m kronjax.train` is its command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -22,6 +23,7 @@ from kronjax import console
 from kronjax import mesh as mesh_lib
 from kronjax import metrics as metrics_lib
 from kronjax import run as run_lib
+from kronjax.lock import WorkdirLock
 from kronjax.model import n_params_nonembedding, param_counts
 from kronjax.step import split_micro
 
@@ -49,15 +51,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     jax.distributed is initialised first, per cfg.dist. `stop` is polled after every step
     (default: a SIGTERM flag, installed before anything else so a signal during setup still
     ends in a clean save; under jax.distributed JAX's preemption sync point does this).
+    A second trainer on the same workdir is refused (kronjax.lock.WorkdirBusyError).
     """
     run_lib.distributed_from_config(cfg)
-    if stop is not None:
-        return _train(run_lib.assemble(cfg, Path(workdir)), stop)
-    flag = ckpt.install_sigterm_handler()
-    try:
-        return _train(run_lib.assemble(cfg, Path(workdir)), flag)
-    finally:
-        getattr(flag, "uninstall", lambda: None)()
+    # Process 0 holds the workdir's lock for the whole run (the others write nothing of theirs).
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        if stop is not None:
+            return _train(run_lib.assemble(cfg, Path(workdir)), stop)
+        flag = ckpt.install_sigterm_handler()
+        try:
+            return _train(run_lib.assemble(cfg, Path(workdir)), flag)
+        finally:
+            getattr(flag, "uninstall", lambda: None)()
 
 
 def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:

@@ -374,6 +374,7 @@ class Run:
 def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     """Data (prepared on first use), model, plan, data pipeline, and the state: restored
     from workdir's latest checkpoint (refused if it disagrees with `run_meta`) or new."""
+    config_lib.check_run_config(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     # A bar only where it can be drawn and where INFO lines show (not under --quiet).
@@ -388,10 +389,12 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     tx, schedule = optim.from_config(cfg)
     plan = make_plan(cfg, model, tx)
     log.info("mesh %s", mesh_lib.describe(plan.mesh))
+    mesh_lib.check_batch_divides(plan.mesh, plan.rules, plan.micro_shape)
 
     seq_len, batch_size = mcfg.block_size, int(cfg.train.batch_size)
-    train_tokens = data_lib.load_split(ddir, "train", vocab_size=mcfg.vocab_size)
-    val_tokens = data_lib.load_split(ddir, "val", vocab_size=mcfg.vocab_size)
+    # Ids >= the tokenizer's size (padding rows included) mean a corrupt file: refused here.
+    train_tokens = data_lib.load_split(ddir, "train", vocab_size=tokenizer.vocab_size)
+    val_tokens = data_lib.load_split(ddir, "val", vocab_size=tokenizer.vocab_size)
     # This process's rows: the blocks of every micro-batch its devices hold.
     k, n = mesh_lib.process_rows(plan.micro_sh, plan.micro_shape, batch_dim=1)
     data_iter = iter(data_lib.train_dataset(

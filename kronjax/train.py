@@ -3,7 +3,7 @@
 config -> (multi-host setup) -> mesh -> data (prepared on first use) -> sharded state -> one
 jitted step with in/out shardings and donated state -> loop with evaluation, metrics and orbax
 checkpoints (kronjax.run assembles, kronjax.loop trains). Rerunning the same command resumes,
-on any mesh; SIGTERM saves and exits 0; a non-finite loss stops with an error and keeps the
+on any mesh; SIGTERM or Ctrl-C saves and exits 0 (twice: exits at once); a non-finite loss stops with an error and keeps the
 last good checkpoint.
 
 --dry_run compiles the step ahead of time for the configured mesh on abstract inputs (no data,
@@ -27,12 +27,16 @@ import ml_collections
 
 from kronjax import config as config_lib
 from kronjax import console
+from kronjax.errors import UserError
 from kronjax.loop import train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, rest = config_lib.parse_overrides(argv)
+    try:
+        overrides, rest = config_lib.parse_overrides(argv)
+    except config_lib.ConfigError as e:  # e.g. --config.train.steps with no value
+        sys.exit(f"python -m kronjax.train: error: {e}")
     parser = argparse.ArgumentParser(prog="python -m kronjax.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(config_lib.DEFAULT_CONFIG),
@@ -86,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
     workdir = args.workdir or f"runs/{Path(args.config).stem}_{cfg.model.arm}"
-    result = train(cfg, workdir)
+    try:
+        result = train(cfg, workdir)
+    except UserError as e:  # a setting or a busy workdir: the message says what to do
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if jax.process_index() == 0:
         print(json.dumps({"workdir": str(workdir), **dataclasses.asdict(result)}))
     return 0

@@ -8,6 +8,7 @@ import logging
 import os
 import pty
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -145,3 +146,140 @@ def test_step_line_and_eta() -> None:
     assert clock.eta_s(5, 40) is None
     now[0] = 110.0
     assert clock.eta_s(15, 40) == pytest.approx(25.0)  # 1 s per step, 25 to go
+
+
+HOLD_LOCK = ("import sys, time\nfrom kronjax.lock import WorkdirLock\n"
+             "WorkdirLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(300)\n")
+
+
+def test_second_trainer_is_refused_and_a_killed_holders_lock_is_taken_over(
+        tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two trainers on one workdir wrote every step twice, crashed in orbax, or hung 300 s."""
+    from kronjax.lock import WorkdirBusyError, WorkdirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        proc = subprocess.run(train_args(tmp_path, tiny_data), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert f"pid {holder.pid} on " in last and "in use by another trainer" in last
+        assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
+        with pytest.raises(WorkdirBusyError, match=f"pid {holder.pid}"):
+            WorkdirLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # kill -9: no clean release, the file still names it
+        holder.wait()
+    assert f'"pid": {holder.pid}' in (tmp_path / ".lock").read_text()
+    with caplog.at_level(logging.WARNING, logger="kronjax.lock"), WorkdirLock(tmp_path):
+        assert str(os.getpid()) in (tmp_path / ".lock").read_text()
+        with pytest.raises(WorkdirBusyError, match=f"pid {os.getpid()}"):
+            WorkdirLock(tmp_path).acquire()  # a second open file: flock refuses it too
+    assert f"pid {holder.pid}" in caplog.text and "taking the workdir over" in caplog.text
+    assert (tmp_path / ".lock").read_text() == ""  # released cleanly: no holder named
+    WorkdirLock(tmp_path).acquire()
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], *expected: str) -> str:
+    """A user error: a non-zero exit, its message last on stderr, and no traceback."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert all(e in last for e in expected), proc.stderr
+    return last
+
+
+@pytest.mark.parametrize("case", ["batch_size=0", "steps without a value", "empty source",
+                                  "batch over 4 devices"])
+def test_user_errors_are_one_line_before_work_starts(case: str, tiny_data: Path,
+                                                     tmp_path: Path) -> None:
+    """batch_size=0 was a ZeroDivisionError, a batch of 6 on 4 data-parallel devices silently
+    ran replicated, an empty source and a bare --config.train.steps were tracebacks."""
+    env = dict(os.environ)
+    wd = tmp_path / "run"
+    if case == "batch_size=0":
+        args, expected = train_args(wd, tiny_data, **{"train.batch_size": 0}), (
+            "train.batch_size must be an integer >= 1", "got 0")
+    elif case == "steps without a value":
+        args = [*train_args(wd, tiny_data), "--config.train.steps"]
+        expected = ("--config.train.steps needs a value",)
+    elif case == "empty source":
+        (tmp_path / "empty.txt").write_text("")
+        args = train_args(wd, tmp_path / "data", **{"data.source": tmp_path / "empty.txt"})
+        expected = ("empty.txt", "holds no text")
+    else:
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        env["JAX_PLATFORMS"] = "cpu"
+        args = train_args(wd, tiny_data, **{"train.batch_size": 6, "mesh.data": 4})
+        expected = ("train.batch_size 6", "4 data-parallel devices (data=4)",
+                    "use train.batch_size 4 or 8")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    _one_line_error(proc, *expected)
+    assert not (wd / "metrics.jsonl").exists() and not (tmp_path / "data").exists()
+
+
+def test_run_settings_are_checked() -> None:
+    from kronjax import config as config_lib
+
+    for key in ("train.eval_every", "train.log_every", "train.checkpoint_every"):
+        cfg = config_lib.build_config(TINY, [(key, "0")])
+        with pytest.raises(config_lib.ConfigError, match=f"{key} must be an integer >= 1"):
+            config_lib.check_run_config(cfg)
+    cfg = config_lib.build_config(TINY, [("train.grad_accum", "3")])
+    with pytest.raises(config_lib.ConfigError, match="not divisible by train.grad_accum 3"):
+        config_lib.check_run_config(cfg)
+    for path in sorted(TINY.parent.glob("*.py")):  # every shipped config passes
+        config_lib.check_run_config(config_lib.build_config(path, []))
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--tokens", "-3"], "--tokens must be >= 0; got -3"),
+    ([b"--prompt", b"ab\xffcd"], "--prompt holds bytes that are not UTF-8 (byte 2: b'\\xff')"),
+])
+def test_sample_refuses_bad_arguments(argv: list[str | bytes], expected: str,
+                                      tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "kronjax.sample", "--workdir", str(tmp_path),
+                           *argv], capture_output=True, timeout=120)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2 and "Traceback" not in err and expected in err, err
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {path}:\n{path.read_text() if path.exists() else ''}")
+
+
+def test_ctrl_c_saves_and_a_second_exits_at_once(tiny_data: Path, tmp_path: Path) -> None:
+    """SIGINT was a KeyboardInterrupt traceback that lost the steps since the last save."""
+    from kronjax.checkpoint import Checkpointer
+
+    wd, log = tmp_path / "run", tmp_path / "log"
+    args = train_args(wd, tiny_data, **{"train.steps": 200, "train.checkpoint_every": 100})
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err)
+        _wait_for(log, "new run in", proc)  # setting up: the save comes after the first step
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, log.read_text()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["preempted"] and 1 <= result["step"] < 100
+    saved = Checkpointer(wd / "checkpoints", save_every=100).all_steps()
+    assert saved == [result["step"]]
+    assert "received SIGINT" in log.read_text() and "Traceback" not in log.read_text()
+
+    wd2 = tmp_path / "run2"  # Ctrl-C twice: out at once, whatever it was doing, nothing saved
+    with open(log, "w") as err:
+        proc = subprocess.Popen(train_args(wd2, tiny_data), stdout=subprocess.PIPE, stderr=err)
+        _wait_for(log, "data: pydoc", proc)  # the handler is in place before the data load
+        proc.send_signal(signal.SIGINT)
+        _wait_for(log, "received SIGINT", proc)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGINT, log.read_text()
+    assert "second SIGINT: exiting now" in log.read_text()
+    assert Checkpointer(wd2 / "checkpoints", save_every=4).all_steps() == []
