@@ -3,8 +3,9 @@
 config -> (multi-host setup) -> mesh -> data (prepared on first use) -> sharded state -> one
 jitted step with in/out shardings and donated state -> loop with evaluation, metrics and orbax
 checkpoints (kronjax.run assembles, kronjax.loop trains). Rerunning the same command resumes,
-on any mesh; SIGTERM or Ctrl-C saves and exits 0 (twice: exits at once); a non-finite loss stops with an error and keeps the
-last good checkpoint.
+on any mesh; SIGTERM or Ctrl-C saves and exits 0 (a second one exits at once); a non-finite
+loss stops with an error and keeps the last good checkpoint. --quiet / --log-level set what
+is printed on stderr (default: a line every train.log_every steps); stdout gets the result.
 
 --dry_run compiles the step ahead of time for the configured mesh on abstract inputs (no data,
 no params) and prints per-device memory and XLA's cost estimate; --topology cpu:8 simulates 8
