@@ -10,6 +10,8 @@ import ast
 import difflib
 import importlib.util
 import json
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -145,3 +147,50 @@ def check_run_config(cfg: ml_collections.ConfigDict) -> None:
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]
+                     ) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} where two configs differ, compared as JSON (the form both are
+    stored in); a key on one side only has None on the other."""
+    a = _flat(json.loads(json.dumps(old, default=str)))
+    b = _flat(json.loads(json.dumps(new, default=str)))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def record_config(config_json: Path, history: Path, cfg: ml_collections.ConfigDict,
+                  step: int) -> None:
+    """Write cfg as config_json (what the run uses now) and append it to the history (JSONL,
+    one line per start whose config differs from the previous line's), so a resume with a
+    changed learning rate or seed never erases what trained the earlier steps. A config.json
+    written before the history existed is kept as its first line (step null: unknown)."""
+    current = json.loads(to_json(cfg))
+    last: Any = None
+    if history.exists():
+        lines = [line for line in history.read_text().splitlines() if line.strip()]
+        last = json.loads(lines[-1])["config"] if lines else None
+    elif config_json.exists():
+        last = json.loads(config_json.read_text())
+        if last != current:
+            _append(history, {"step": None, "time": None, "config": last})
+    if last != current:
+        _append(history, {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "changed": {k: list(v) for k, v in
+                                      changed_settings(last or {}, current).items()}
+                          if last is not None else {}, "config": current})
+    config_json.write_text(to_json(cfg))
+
+
+def _append(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")

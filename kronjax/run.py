@@ -41,6 +41,7 @@ log = logging.getLogger("kronjax.run")
 # -- the workdir layout ----------------------------------------------------------------------
 CHECKPOINTS = "checkpoints"            # orbax: state, data iterator position, run metadata
 CONFIG = "config.json"                 # the resolved config (kronjax.config.to_json)
+CONFIG_HISTORY = "config_history.jsonl"  # every config the run started with, and from which step
 METRICS = metrics_lib.METRICS_FILE     # one JSON object per step
 TENSORBOARD = metrics_lib.TB_DIR       # TensorBoard events
 
@@ -418,11 +419,15 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
         ckpt.check_compatible(saved, meta, keys=RESUME_KEYS)
         state = restore(checkpointer, plan.abstract, data_iter)
         log.info("resumed from step %d in %s", int(state["step"]), workdir)
+        for key, (old, new) in config_lib.changed_settings(saved.get("config", {}),
+                                                           cfg.to_dict()).items():
+            log.warning("resuming with a changed setting: %s %r -> %r", key, old, new)
     else:
         log.info("new run in %s", workdir)
         init = functools.partial(init_state, model, tx, int(cfg.seed), seq_len)
         state = jax.jit(init, out_shardings=plan.state_sh)()
     if is_main:
-        (workdir / CONFIG).write_text(config_lib.to_json(cfg))
+        config_lib.record_config(workdir / CONFIG, workdir / CONFIG_HISTORY, cfg,
+                                 int(state["step"]))
     return Run(cfg, workdir, model, tx, schedule, plan, meta, state, data_iter, eval_set,
                bytes_per_token, checkpointer, is_main, progress)
