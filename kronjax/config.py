@@ -149,23 +149,22 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _lookup(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]
                      ) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} where two configs differ, compared as JSON (the form both are
     stored in); a key on one side only has None on the other."""
-    a = _flat(json.loads(json.dumps(old, default=str)))
-    b = _flat(json.loads(json.dumps(new, default=str)))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    a, b = (ml_collections.ConfigDict(json.loads(json.dumps(d, default=str))) for d in (old, new))
+    keys = sorted(set(flat_keys(a)) | set(flat_keys(b)))
+    return {k: (_lookup(a, k), _lookup(b, k)) for k in keys if _lookup(a, k) != _lookup(b, k)}
 
 
 def record_config(config_json: Path, history: Path, cfg: ml_collections.ConfigDict,
