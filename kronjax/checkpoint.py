@@ -271,11 +271,14 @@ class Checkpointer:
 class StopFlag:
     """Callable that turns True once a stop signal arrives, so the loop saves and exits 0.
 
-    A second signal restores the previous handler and re-delivers the signal,
-    so a run stuck somewhere can still be stopped.
+    A second signal exits at once, without saving: the signal's default action (SIGINT /
+    SIGTERM kill the process), so a run stuck somewhere, or a user who will not wait for the
+    save, can still stop it. Checkpoints already on disk are untouched (an unfinished save is
+    a tmp directory that the next run removes).
     """
 
-    def __init__(self, signals: Sequence[signal.Signals] = (signal.SIGTERM,)) -> None:
+    def __init__(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+                 ) -> None:
         self._event = threading.Event()
         self._previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is not threading.main_thread():
@@ -285,11 +288,15 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
+        name = signal.Signals(signum).name
         if self._event.is_set():
+            log.warning("second %s: exiting now, without saving", name)
             self.uninstall()
+            signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        log.warning("received %s; will checkpoint and stop", signal.Signals(signum).name)
+        log.warning("received %s; will checkpoint after this step and stop (send it again to "
+                    "exit at once, without saving)", name)
         self._event.set()
 
     def __call__(self) -> bool:
@@ -311,7 +318,8 @@ class _Never:
 
 
 def install_sigterm_handler() -> Callable[[], bool]:
-    """Record SIGTERM (preemption, `scancel`, `kill`) in a flag the train loop polls.
+    """Record SIGTERM (preemption, `scancel`, `kill`) and SIGINT (Ctrl-C) in a flag the train
+    loop polls, so both save at the next step boundary and exit 0.
 
     Single process only: under `jax.distributed` a Python handler would replace
     JAX's own preemption notifier and let hosts stop at different steps (a

@@ -382,8 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("kronjax").setLevel(logging.INFO)  # even where a library set up logging
+    from kronjax.console import setup_logging  # here: keeps this change to main's lines
+
+    setup_logging()  # the trainer's own handler: absl configured the root logger first
     try:
         arms, seeds = parse_arms(args.arms), parse_seeds(args.seeds)
         refs = parse_arms(args.reference) if args.reference else arms[:1]

@@ -10,16 +10,20 @@ import ast
 import difflib
 import importlib.util
 import json
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
 
+from kronjax.errors import UserError
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = REPO_CONFIGS / "default.py"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that cannot be applied."""
 
 
@@ -96,8 +100,8 @@ def parse_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
             if "=" in body:
                 key, value = body.split("=", 1)
             else:
-                if i + 1 >= len(args):
-                    raise ConfigError(f"{arg} needs a value")
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise ConfigError(f"{arg} needs a value ({arg}=VALUE or {arg} VALUE)")
                 key, value = body, args[i + 1]
                 i += 1
             overrides.append((key, value))
@@ -115,5 +119,77 @@ def build_config(path: str | Path | None, overrides: Sequence[tuple[str, str]]
     return cfg
 
 
+# Settings a run divides by or counts with: (key, what it means), each an integer >= 1.
+POSITIVE_INTS = (("train.steps", "optimizer steps"),
+                 ("train.batch_size", "sequences per optimizer step"),
+                 ("train.grad_accum", "micro-batches per step"),
+                 ("train.eval_every", "steps between evaluations"),
+                 ("train.checkpoint_every", "steps between checkpoints"),
+                 ("train.log_every", "steps between log lines"),
+                 ("train.keep_checkpoints", "checkpoints kept"),
+                 ("data.eval_batches", "validation batches"))
+
+
+def check_run_config(cfg: ml_collections.ConfigDict) -> None:
+    """Refuse settings a run cannot use before anything is prepared or compiled (batch_size=0
+    was a ZeroDivisionError, eval_every=0 one after compiling). Keys a config lacks are skipped."""
+    for key, meaning in POSITIVE_INTS:
+        section, leaf = key.split(".")
+        if leaf not in cfg.get(section, {}):
+            continue
+        value = cfg[section][leaf]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be an integer >= 1 ({meaning}); got {value!r}")
+    b, a = int(cfg.train.batch_size), int(cfg.train.grad_accum)
+    if b % a:
+        raise ConfigError(f"train.batch_size {b} is not divisible by train.grad_accum {a}")
+
+
 def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _lookup(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]
+                     ) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} where two configs differ, compared as JSON (the form both are
+    stored in); a key on one side only has None on the other."""
+    a, b = (ml_collections.ConfigDict(json.loads(json.dumps(d, default=str))) for d in (old, new))
+    keys = sorted(set(flat_keys(a)) | set(flat_keys(b)))
+    return {k: (_lookup(a, k), _lookup(b, k)) for k in keys if _lookup(a, k) != _lookup(b, k)}
+
+
+def record_config(config_json: Path, history: Path, cfg: ml_collections.ConfigDict,
+                  step: int) -> None:
+    """Write cfg as config_json (what the run uses now) and append it to the history (JSONL,
+    one line per start whose config differs from the previous line's), so a resume with a
+    changed learning rate or seed never erases what trained the earlier steps. A config.json
+    written before the history existed is kept as its first line (step null: unknown)."""
+    current = json.loads(to_json(cfg))
+    last: Any = None
+    if history.exists():
+        lines = [line for line in history.read_text().splitlines() if line.strip()]
+        last = json.loads(lines[-1])["config"] if lines else None
+    elif config_json.exists():
+        last = json.loads(config_json.read_text())
+        if last != current:
+            _append(history, {"step": None, "time": None, "config": last})
+    if last != current:
+        _append(history, {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "changed": {k: list(v) for k, v in
+                                      changed_settings(last or {}, current).items()}
+                          if last is not None else {}, "config": current})
+    config_json.write_text(to_json(cfg))
+
+
+def _append(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -31,6 +31,22 @@ def _dense_table(vocab: ByteVocab) -> np.ndarray:
         return codec.codec_table(vocab.rows, vocab.lengths)
 
 
+def _check_concrete_bytes(rows_NxP: Any, lengths_N: Any, pos_dim: int) -> None:
+    """ValueError naming the first row out of range; nothing for tracers (values unknown)."""
+    if isinstance(rows_NxP, jax.core.Tracer) or isinstance(lengths_N, jax.core.Tracer):
+        return
+    lengths, rows = np.asarray(lengths_N).reshape(-1), np.asarray(rows_NxP)
+    bad = np.flatnonzero((lengths < 0) | (lengths > pos_dim))
+    if bad.size:
+        raise ValueError(f"byte lengths must lie in [0, pos_dim={pos_dim}]; row {bad[0]} has "
+                         f"length {lengths[bad[0]]}")
+    if not np.issubdtype(rows.dtype, np.uint8):
+        where = np.argwhere((rows < 0) | (rows > 255))
+        if where.size:
+            raise ValueError(f"byte values must lie in 0..255; row {where[0][0]} holds "
+                             f"{rows[tuple(where[0])]} at position {where[0][-1]}")
+
+
 class ByteOverride(NamedTuple):
     """Bytes that replace some positions' tokens: a pytree, so it passes through jax.jit.
 
@@ -131,10 +147,17 @@ class KroneckerEmbed(nn.Module):
         return out.reshape(ids.shape + (self.features,)).astype(self.dtype or jnp.float32)
 
     def embed_bytes(self, rows_NxP: jax.Array, lengths_N: jax.Array) -> jax.Array:
-        """Embeddings of arbitrary byte rows (see `vocab.encode_bytes`), batched: (N, D)."""
+        """Embeddings of arbitrary byte rows (see `vocab.encode_bytes`), batched: (N, D).
+
+        Lengths must lie in [0, pos_dim] and byte values in 0..255: outside them the sparse and
+        bytes modes gather different (clamped or dropped) rows and silently disagree. Concrete
+        inputs are checked here (ValueError); traced ones (under jit) cannot be and are not:
+        build them with `vocab.encode_bytes`, which truncates and stores uint8.
+        """
         if rows_NxP.shape[-1] != self.vocab.pos_dim:
             raise ValueError(f"byte rows must have pos_dim={self.vocab.pos_dim} columns; "
                              f"got {rows_NxP.shape}")
+        _check_concrete_bytes(rows_NxP, lengths_N, self.vocab.pos_dim)
         out = self._embed_rows(jnp.asarray(rows_NxP), jnp.asarray(lengths_N, jnp.int32))
         return out.astype(self.dtype or jnp.float32)
 

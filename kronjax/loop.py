@@ -1,14 +1,14 @@
 """The training loop: step, evaluate, log, checkpoint, until the configured step count.
 
 `train` assembles the run (kronjax.run), then iterates one jitted step per batch. Rerunning
-resumes, on any mesh; SIGTERM saves and exits 0; a non-finite loss stops with an error and
+resumes, on any mesh; SIGTERM or Ctrl-C saves and exits 0; a non-finite loss stops with an error and
 keeps the last good checkpoint. `python -m kronjax.train` is its command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -19,9 +19,11 @@ import ml_collections
 import numpy as np
 
 from kronjax import checkpoint as ckpt
+from kronjax import console
 from kronjax import mesh as mesh_lib
 from kronjax import metrics as metrics_lib
 from kronjax import run as run_lib
+from kronjax.lock import WorkdirLock
 from kronjax.model import n_params_nonembedding, param_counts
 from kronjax.step import split_micro
 
@@ -49,15 +51,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     jax.distributed is initialised first, per cfg.dist. `stop` is polled after every step
     (default: a SIGTERM flag, installed before anything else so a signal during setup still
     ends in a clean save; under jax.distributed JAX's preemption sync point does this).
+    A second trainer on the same workdir is refused (kronjax.lock.WorkdirBusyError).
     """
     run_lib.distributed_from_config(cfg)
-    if stop is not None:
-        return _train(run_lib.assemble(cfg, Path(workdir)), stop)
-    flag = ckpt.install_sigterm_handler()
-    try:
-        return _train(run_lib.assemble(cfg, Path(workdir)), flag)
-    finally:
-        getattr(flag, "uninstall", lambda: None)()
+    # Process 0 holds the workdir's lock for the whole run (the others write nothing of theirs).
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        if stop is not None:
+            return _train(run_lib.assemble(cfg, Path(workdir)), stop)
+        flag = ckpt.install_sigterm_handler()
+        try:
+            return _train(run_lib.assemble(cfg, Path(workdir)), flag)
+        finally:
+            getattr(flag, "uninstall", lambda: None)()
 
 
 def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
@@ -65,7 +70,8 @@ def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
     mcfg = run.model.config
     steps, n_micro = int(cfg.train.steps), int(cfg.train.grad_accum)
     counts = param_counts(state["params"], mcfg)
-    log.info("params: %s", json.dumps(counts))
+    log.info("params: %s total (input side %s, output head %s, rest %s)",
+             *(f"{counts[k]:,}" for k in ("total", "input_side", "head", "rest")))
     fpt = metrics_lib.flops_per_token(n_params_nonembedding(state["params"], mcfg),
                                       mcfg.n_layer, mcfg.n_head, mcfg.head_dim, mcfg.block_size)
     peak = metrics_lib.device_peak_flops()
@@ -82,6 +88,8 @@ def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
     step = int(state["step"])
     last_loss, val_loss, val_bpb, preempted = float("nan"), None, None, False
     throughput = metrics_lib.Throughput(window=1)  # each step's own rate
+    log_every = int(cfg.train.log_every)
+    clock, first = console.StepClock(), step + 1
     try:
         while step < steps:
             batch = mesh_lib.global_batch(split_micro(next(run.data_iter), n_micro),
@@ -100,19 +108,25 @@ def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
             mfu = metrics_lib.mfu(record["tokens_per_s"], fpt, jax.device_count(), peak) if peak else None
             if mfu is not None:
                 record["mfu"] = mfu
+            clock.tick(step)
+            if step % log_every == 0 or step in (first, steps):
+                log.info("%s", console.step_line(step, steps, record, clock.eta_s(step, steps)))
             if step % int(cfg.train.eval_every) == 0 or step == steps:
                 val_loss = float(np.mean([float(eval_fn(state["params"], b))
                                           for b in run.eval_set]))
                 val_bpb = val_loss / math.log(2) / run.bytes_per_token
                 record.update(val_loss=val_loss, val_bpb=val_bpb)
+                log.info("%s", console.eval_line(step, steps, val_loss, val_bpb))
                 throughput.reset()  # evaluation time is not training throughput
             writer.write(step, record)
             if stop() or checkpointer.reached_preemption(step):
                 checkpointer.save(step, state, run.data_iter, run.meta, force=True)
                 preempted = True
-                log.warning("stop requested: saved step %d, exiting", step)
+                log.warning("stop requested: saved step %d to %s, exiting", step,
+                            checkpointer.directory)
                 break
-            checkpointer.save(step, state, run.data_iter, run.meta, force=step == steps)
+            if checkpointer.save(step, state, run.data_iter, run.meta, force=step == steps):
+                log.info("checkpoint: saving step %d to %s", step, checkpointer.directory)
     finally:
         checkpointer.close()
         writer.close()

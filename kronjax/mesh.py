@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from kronjax.errors import UserError
 from kronjax.loss import cross_entropy, vocab_parallel_losses
 from kronjax.model import GPT, LOGICAL_AXES
 
@@ -257,6 +258,27 @@ def shard_bytes(abstract: Any) -> int:
 
 
 # -- batches -------------------------------------------------------------------------------
+def batch_devices(mesh: Mesh, rules: Rules) -> tuple[int, tuple[str, ...]]:
+    """(n, axes): the batch dimension splits n ways, over the mesh axes "batch" maps to."""
+    spec = nn.logical_to_mesh_axes((BATCH,), rules)
+    axes = tuple(a for a in _axes_tuple(spec[0] if len(spec) else None) if mesh.shape[a] > 1)
+    return math.prod(mesh.shape[a] for a in axes), axes
+
+
+def check_batch_divides(mesh: Mesh, rules: Rules, micro_shape: Sequence[int]) -> None:
+    """Refuse micro-batches (A, B/A, T) whose rows do not split over the data-parallel
+    devices: fit_spec would replicate them, every device computing the whole batch, silently."""
+    n, axes = batch_devices(mesh, rules)
+    accum, micro = int(micro_shape[0]), int(micro_shape[1])
+    if micro % n:
+        b, unit = micro * accum, n * accum
+        nearest = sorted({x for x in ((b // unit) * unit, (b // unit + 1) * unit) if x > 0})
+        raise UserError(
+            f"train.batch_size {b} (micro-batches of {micro}) does not divide over the {n} "
+            f"data-parallel devices ({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}): "
+            f"use train.batch_size {' or '.join(map(str, nearest))}, or another mesh")
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int], batch_dim: int = 0
                    ) -> NamedSharding:
     """Sharding of a data array whose dimension `batch_dim` is the batch (others whole)."""

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import optax
 
 from kronjax import checkpoint as ckpt
 from kronjax import config as config_lib
+from kronjax import console
 from kronjax import data as data_lib
 from kronjax import mesh as mesh_lib
 from kronjax import metrics as metrics_lib
@@ -41,6 +41,7 @@ log = logging.getLogger("kronjax.run")
 # -- the workdir layout ----------------------------------------------------------------------
 CHECKPOINTS = "checkpoints"            # orbax: state, data iterator position, run metadata
 CONFIG = "config.json"                 # the resolved config (kronjax.config.to_json)
+CONFIG_HISTORY = "config_history.jsonl"  # every config the run started with, and from which step
 METRICS = metrics_lib.METRICS_FILE     # one JSON object per step
 TENSORBOARD = metrics_lib.TB_DIR       # TensorBoard events
 
@@ -374,9 +375,12 @@ class Run:
 def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     """Data (prepared on first use), model, plan, data pipeline, and the state: restored
     from workdir's latest checkpoint (refused if it disagrees with `run_meta`) or new."""
+    config_lib.check_run_config(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    progress = bool(cfg.train.progress) and sys.stderr.isatty() and is_main
+    # A bar only where it can be drawn and where INFO lines show (not under --quiet).
+    progress = (bool(cfg.train.progress) and is_main and console.is_terminal()
+                and log.isEnabledFor(logging.INFO))
     ddir = ensure_data_everywhere(cfg, progress=progress)
     data_meta = data_lib.load_meta(ddir)
     tokenizer = data_lib.load_tokenizer_for(ddir)
@@ -386,10 +390,12 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     tx, schedule = optim.from_config(cfg)
     plan = make_plan(cfg, model, tx)
     log.info("mesh %s", mesh_lib.describe(plan.mesh))
+    mesh_lib.check_batch_divides(plan.mesh, plan.rules, plan.micro_shape)
 
     seq_len, batch_size = mcfg.block_size, int(cfg.train.batch_size)
-    train_tokens = data_lib.load_split(ddir, "train", vocab_size=mcfg.vocab_size)
-    val_tokens = data_lib.load_split(ddir, "val", vocab_size=mcfg.vocab_size)
+    # Ids >= the tokenizer's size (padding rows included) mean a corrupt file: refused here.
+    train_tokens = data_lib.load_split(ddir, "train", vocab_size=tokenizer.vocab_size)
+    val_tokens = data_lib.load_split(ddir, "val", vocab_size=tokenizer.vocab_size)
     # This process's rows: the blocks of every micro-batch its devices hold.
     k, n = mesh_lib.process_rows(plan.micro_sh, plan.micro_shape, batch_dim=1)
     data_iter = iter(data_lib.train_dataset(
@@ -401,6 +407,8 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
                                                num_batches=int(cfg.data.eval_batches),
                                                process_index=ke, process_count=ne)]
     val = data_meta["splits"]["val"]
+    log.info("data: %s (%s) from %s: %s train / %s val tokens", cfg.data.source,
+             data_meta["tokenizer"], ddir, f"{len(train_tokens):,}", f"{len(val_tokens):,}")
     bytes_per_token = val["bytes"] / max(val["tokens"], 1)
 
     checkpointer = ckpt.Checkpointer(workdir / CHECKPOINTS,
@@ -411,10 +419,15 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
         ckpt.check_compatible(saved, meta, keys=RESUME_KEYS)
         state = restore(checkpointer, plan.abstract, data_iter)
         log.info("resumed from step %d in %s", int(state["step"]), workdir)
+        for key, (old, new) in config_lib.changed_settings(saved.get("config", {}),
+                                                           cfg.to_dict()).items():
+            log.warning("resuming with a changed setting: %s %r -> %r", key, old, new)
     else:
+        log.info("new run in %s", workdir)
         init = functools.partial(init_state, model, tx, int(cfg.seed), seq_len)
         state = jax.jit(init, out_shardings=plan.state_sh)()
     if is_main:
-        (workdir / CONFIG).write_text(config_lib.to_json(cfg))
+        config_lib.record_config(workdir / CONFIG, workdir / CONFIG_HISTORY, cfg,
+                                 int(state["step"]))
     return Run(cfg, workdir, model, tx, schedule, plan, meta, state, data_iter, eval_set,
                bytes_per_token, checkpointer, is_main, progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ from kronjax import checkpoint as ckpt
 from kronjax import data as data_lib
 from kronjax import optim
 from kronjax.embed import ByteOverride
+from kronjax.errors import UserError
 from kronjax.model import GPT
 from kronjax.step import init_state
 from kronjax.data.tokenizers import Tokenizer
@@ -88,10 +90,10 @@ def generate(run: Loaded, ids: Sequence[int], n_new: int, *, temperature: float 
     """Extend ids by n_new tokens; `oov=(position, word_bytes)` overrides one position."""
     block = run.model.config.block_size
     if len(ids) + n_new > block:
-        raise ValueError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the "
-                         f"model's block_size {block}")
+        raise UserError(f"prompt ({len(ids)} tokens) + {n_new} new tokens exceeds the "
+                        f"model's block_size {block}")
     if oov is not None and not run.model.config.is_kron:
-        raise ValueError(f"--oov needs a Kronecker arm; this run's arm is {run.model.config.arm}")
+        raise UserError(f"--oov needs a Kronecker arm; this run's arm is {run.model.config.arm}")
     buf = np.zeros((1, block), np.int32)
     buf[0, :len(ids)] = ids
     override = None
@@ -122,7 +124,20 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, oov: str | None
     before, _, after = prompt.partition(OOV_MARK) if OOV_MARK in prompt else (prompt, "", "")
     head = tokenizer.encode(before)
     position = len(head)
-    return head + [0] + (tokenizer.encode(after) if after else []), (position, oov.encode())
+    # The OOV word's bytes as given, invalid UTF-8 included: the codec embeds any bytes.
+    return head + [0] + (tokenizer.encode(after) if after else []), (position, os.fsencode(oov))
+
+
+def text_arg(flag: str, value: str) -> str:
+    """A command-line text as valid Unicode: bytes that are not UTF-8 reach Python as lone
+    surrogates (surrogateescape), which the tokenizers reject with a traceback."""
+    raw = os.fsencode(value)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} holds bytes that are not UTF-8 (byte {e.start}: "
+                        f"{raw[e.start:e.start + 1]!r}); pass text, or the word as --oov, "
+                        "which is embedded from its raw bytes") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,17 +152,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--oov", default=None, help="a word embedded from its bytes at {oov}")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = p.parse_args(argv)
+    if args.tokens < 0:
+        p.error(f"--tokens must be >= 0; got {args.tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error(f"--temperature must be >= 0 and --top-p in (0, 1]; got {args.temperature}, "
+                f"{args.top_p}")
+    try:
+        prompt = text_arg("--prompt", args.prompt)
+    except UserError as e:
+        p.error(str(e))
     run = load_run(args.workdir, args.step)
-    ids, oov = encode_prompt(run.tokenizer, args.prompt, args.oov)
+    ids, oov = encode_prompt(run.tokenizer, prompt, args.oov)
     if not ids:
         ids = [run.tokenizer.eot_id if run.tokenizer.eot_id is not None else 0]
     n_new = min(args.tokens, run.model.config.block_size - len(ids))
-    out = generate(run, ids, n_new, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, oov=oov)
+    try:
+        out = generate(run, ids, n_new, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed, oov=oov)
+    except UserError as e:
+        p.error(str(e))
     text = run.tokenizer.decode(out[len(ids):])
-    shown = args.prompt.replace(OOV_MARK, args.oov) if args.oov else args.prompt
-    if args.oov and OOV_MARK not in args.prompt:
-        shown = args.prompt + args.oov
+    oov_text = os.fsdecode(oov[1]) if oov else ""
+    shown = prompt.replace(OOV_MARK, oov_text) if oov else prompt
+    if oov and OOV_MARK not in prompt:
+        shown = prompt + oov_text
+    shown = shown.encode("utf-8", "replace").decode()  # an --oov of raw bytes shows as such
     print(shown + text)
     return 0
 

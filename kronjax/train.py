@@ -3,8 +3,9 @@
 config -> (multi-host setup) -> mesh -> data (prepared on first use) -> sharded state -> one
 jitted step with in/out shardings and donated state -> loop with evaluation, metrics and orbax
 checkpoints (kronjax.run assembles, kronjax.loop trains). Rerunning the same command resumes,
-on any mesh; SIGTERM saves and exits 0; a non-finite loss stops with an error and keeps the
-last good checkpoint.
+on any mesh; SIGTERM or Ctrl-C saves and exits 0 (a second one exits at once); a non-finite
+loss stops with an error and keeps the last good checkpoint. --quiet / --log-level set what
+is printed on stderr (default: a line every train.log_every steps); stdout gets the result.
 
 --dry_run compiles the step ahead of time for the configured mesh on abstract inputs (no data,
 no params) and prints per-device memory and XLA's cost estimate; --topology cpu:8 simulates 8
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -27,12 +27,17 @@ import jax
 import ml_collections
 
 from kronjax import config as config_lib
+from kronjax import console
+from kronjax.errors import UserError
 from kronjax.loop import train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, rest = config_lib.parse_overrides(argv)
+    try:
+        overrides, rest = config_lib.parse_overrides(argv)
+    except config_lib.ConfigError as e:  # e.g. --config.train.steps with no value
+        sys.exit(f"python -m kronjax.train: error: {e}")
     parser = argparse.ArgumentParser(prog="python -m kronjax.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(config_lib.DEFAULT_CONFIG),
@@ -51,10 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "e.g. tpu:v5e:2x2")
     parser.add_argument("--vocab_size", type=int, default=None,
                         help="with --dry_run: compile with a synthetic vocabulary of N ids")
+    parser.add_argument("--log-level", "--log_level", dest="log_level", default="info",
+                        choices=console.LEVELS,
+                        help="what to print on stderr (default: info, a line every "
+                             "train.log_every steps)")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="warnings and errors only, no progress bar (= --log-level warning)")
     args = parser.parse_args(rest)
     if (args.topology or args.vocab_size) and not args.dry_run:
         parser.error("--topology and --vocab_size apply to --dry_run only")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.setup_logging("warning" if args.quiet else args.log_level)
     try:
         cfg = config_lib.build_config(args.config, overrides)
     except config_lib.ConfigError as e:
@@ -80,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
     workdir = args.workdir or f"runs/{Path(args.config).stem}_{cfg.model.arm}"
-    result = train(cfg, workdir)
+    try:
+        result = train(cfg, workdir)
+    except UserError as e:  # a setting or a busy workdir: the message says what to do
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if jax.process_index() == 0:
         print(json.dumps({"workdir": str(workdir), **dataclasses.asdict(result)}))
     return 0

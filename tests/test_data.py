@@ -12,7 +12,7 @@ import pytest
 
 from kronjax import data
 from kronjax.data import pipeline
-from kronjax.data import (eval_batches, iter_documents, load_meta, load_split, load_tokenizer_for,
+from kronjax.data import (DataError, eval_batches, iter_documents, load_meta, load_split, load_tokenizer_for,
                           prepare, train_dataset)
 
 
@@ -126,8 +126,16 @@ def test_damaged_data_is_reported(pydoc_dir: Path, tmp_path: Path) -> None:
     copy.mkdir()
     for p in pydoc_dir.iterdir():
         (copy / p.name).write_bytes(p.read_bytes())
-    with pytest.raises(ValueError, match="holds token id 1023 but the model's vocab_size is 1000"):
+    with pytest.raises(ValueError, match=r"train_00000.bin holds token id 10\d\d at token offset "
+                                         r"\d+ \(byte \d+\) but the model's vocab_size is 1000"):
         load_split(copy, "train", vocab_size=1000)
+    # One flipped id, meta.json untouched (its max_id still fits): the file is what is read.
+    ids = np.fromfile(copy / "train_00000.bin", np.uint16)
+    ids[1234] = 65000
+    ids.tofile(copy / "train_00000.bin")
+    with pytest.raises(DataError, match="train_00000.bin holds token id 65000 at token offset "
+                                        "1234 "):
+        load_split(copy, "train", vocab_size=1024)
     train = copy / "train_00000.bin"
     train.write_bytes(train.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -149,3 +151,23 @@ def test_out_of_range_ids_embed_to_nan_like_nn_embed(vocab: ByteVocab) -> None:
     assert np.isnan(ref[2:4]).all()  # nn.Embed: ids >= V read NaN
     assert np.isnan(kron[2:4]).all() and np.isfinite(kron[:2]).all()
     assert np.isnan(kron[4]).all()  # stricter than nn.Embed, which wraps -1 to the last row
+
+
+@pytest.mark.parametrize("mode", ["sparse", "bytes"])
+def test_embed_bytes_refuses_out_of_range_inputs(vocab: ByteVocab, mode: str) -> None:
+    """Lengths beyond pos_dim or bytes beyond 255 made the sparse and bytes modes disagree."""
+    mod = KroneckerEmbed(vocab, 4, mode=mode)
+    variables = {"params": {"projection": _params(vocab, 4)}}
+    rows, lengths = encode_bytes([b"ab", b"cd"], vocab.pos_dim)
+    embed = functools.partial(mod.apply, variables, method=KroneckerEmbed.embed_bytes)
+    for bad in ([2, vocab.pos_dim + 1], [-1, 2]):
+        with pytest.raises(ValueError, match=r"lengths must lie in \[0, pos_dim=8\]; row"):
+            embed(rows, np.asarray(bad, np.int32))
+    wide = rows.astype(np.int32)
+    wide[1, 0] = 300
+    with pytest.raises(ValueError, match="byte values must lie in 0..255; row 1 holds 300"):
+        embed(wide, lengths)
+    np.testing.assert_allclose(np.asarray(embed(rows.astype(np.int32), lengths)),
+                               np.asarray(embed(rows, lengths)), rtol=1e-6)  # ints in range: fine
+    # Under jit the values are unknown: not checked (documented), still computes.
+    assert jax.jit(embed)(rows, lengths).shape == (2, 4)

@@ -75,6 +75,29 @@ def test_bad_input_files_get_clear_errors(tmp_path: Path) -> None:
         robustness.load_pairs(tmp_path / "missing.jsonl")
 
 
+def test_identical_pairs_are_skipped_and_counted_not_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One identical pair (the authors' own list has one) refused the whole file."""
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"category": "a", "clean": "the cat", "typo": "the cta"},
+             {"category": "a", "clean": "a dog", "typo": "a dog"},
+             {"category": "b", "clean": "one", "typo": "oen"}]
+    pairs.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with caplog.at_level("WARNING", logger="kronjax.probes.robustness"):
+        usable, skipped = robustness.read_pairs(pairs)
+    assert usable == [lines[0], lines[2]]
+    assert skipped == [{"line": 2, "reason": "identical clean and typo", **lines[1]}]
+    assert "1 pair(s) with identical clean and typo text left out (line 2)" in caplog.text
+    md = robustness.to_markdown({"overall": [], "categories": []}, str(pairs), skipped)
+    assert "1 pair(s) left out of every average" in md and "line 2 " in md
+    pairs.write_text(pairs.read_text() + '{"category": "c", "clean": "x"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:4: .*missing or empty: \['typo'\]"):
+        robustness.read_pairs(pairs)
+    pairs.write_text(json.dumps(lines[1]) + "\n")
+    with pytest.raises(ValueError, match="no pair has a typo that differs"):
+        robustness.read_pairs(pairs)
+
+
 # -- pure metrics ----------------------------------------------------------------------------------
 def test_pair_metrics_match_numpy() -> None:
     rng = np.random.default_rng(0)
@@ -139,9 +162,12 @@ def test_robustness_matches_an_unbatched_numpy_computation(runs: tiny_runs.TinyR
                                                            tmp_path: Path) -> None:
     pairs = robustness.load_pairs()[::20]  # 6 pairs over 6 categories
     pf = tmp_path / "pairs.jsonl"
-    pf.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    same = {"category": pairs[0]["category"], "clean": "no typo", "typo": "no typo"}
+    pf.write_text("".join(json.dumps(p) + "\n" for p in [*pairs, same]))
     res = robustness.run([runs.bpe, runs.kron], pf, tmp_path / "out")
-    assert len(res["records"]) == 2 * len(pairs)
+    assert len(res["records"]) == 2 * len(pairs)  # the identical pair is in no average
+    assert res["pairs_used"] == len(pairs) and res["pairs_skipped"] == 1
+    assert res["skipped"][0]["line"] == len(pairs) + 1
     assert {r["arm"] for r in res["overall"]} == {"bpe_tied", "kron"}
     assert len(res["categories"]) == 2 * len({p["category"] for p in pairs})
     ck = common.load_checkpoints([runs.kron])[0]

@@ -46,10 +46,8 @@ def losses(workdir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("data") / "pydoc"
-    run_lib.ensure_data(tiny_cfg(d), progress=False)
-    return d
+def data_dir(tiny_data: Path) -> Path:
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +199,28 @@ def test_incompatible_resume_is_refused(full_run: Path, data_dir: Path, tmp_path
     with pytest.raises(ckpt.IncompatibleCheckpointError, match=key):
         loop.train(tiny_cfg(data_dir, **overrides), wd, stop=lambda: False)
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before
+
+
+def test_changed_setting_resumes_logged_and_every_config_is_kept(
+        full_run: Path, data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A resume with another learning rate overwrote config.json: the record of what trained
+    the first steps was lost, and nothing said the setting had changed."""
+    import shutil
+    wd = tmp_path / "run"
+    shutil.copytree(full_run, wd)
+    first = json.loads((wd / "config.json").read_text())
+    (wd / "config_history.jsonl").unlink()  # a workdir written before the history existed
+    cfg = tiny_cfg(data_dir, **{"train.steps": 10, "optim.peak_lr": 0.02})
+    with caplog.at_level("WARNING", logger="kronjax.run"):
+        assert loop.train(cfg, wd, stop=lambda: False).step == 10
+    assert "resuming with a changed setting: optim.peak_lr 0.01 -> 0.02" in caplog.text
+    assert "resuming with a changed setting: train.steps 8 -> 10" in caplog.text
+    history = [json.loads(x) for x in (wd / "config_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [None, 8] and history[0]["config"] == first
+    assert history[1]["changed"] == {"optim.peak_lr": [0.01, 0.02], "train.steps": [8, 10]}
+    assert json.loads((wd / "config.json").read_text())["optim"]["peak_lr"] == 0.02
+    loop.train(cfg, wd, stop=lambda: False)  # the same config again: no new line
+    assert len((wd / "config_history.jsonl").read_text().splitlines()) == 2
 
 
 def test_interrupted_save_resumes_from_previous(full_run: Path, data_dir: Path,

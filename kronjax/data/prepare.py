@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from kronjax.data.corpora import canonical_source, iter_documents
 from kronjax.data.store import (CACHED_SP, FORMAT_VERSION, META, PROGRESS, SHARD_TOKENS, SPLITS,
-                                load_meta, load_split, load_tokenizer_for, token_dtype)
+                                DataError, load_meta, load_split, load_tokenizer_for, token_dtype)
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from kronjax.data.writer import _chunks, _Encoder, _ShardWriter
 from kronjax.files import write_atomic
@@ -74,6 +74,9 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path, *, sp_vocab_s
     existing = _existing(out, request, overwrite)
     if existing is not None:
         return existing
+    if next(iter(docs()), None) is None:  # before a directory or a tokenizer is made
+        raise DataError(f"source {source!r} holds no text (an empty file or folder?): "
+                        "nothing to tokenize")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         _clear(out)  # a crash from here on leaves no stale meta or shards behind

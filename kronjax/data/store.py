@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer
+from kronjax.errors import UserError
 
 FORMAT_VERSION = 2  # 2: sharded splits; 1 (one {split}.bin per split) is still read
 READ_VERSIONS = (1, 2)
@@ -24,6 +25,10 @@ CACHED_SP = "tokenizer.model"
 META = "meta.json"
 PROGRESS = ".prepare-progress.json"  # an unfinished prepare's finished shards; gone when done
 SHARD_TOKENS = 100_000_000           # train tokens per shard (val: scaled by its fraction)
+
+
+class DataError(UserError):
+    """A prepared directory or source that cannot be trained on as it is."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -132,6 +137,23 @@ def split_shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
     return [{"file": f"{split}.bin", "tokens": int(info["tokens"])}]
 
 
+def _check_ids(tokens_N: np.ndarray, vocab_size: int, path: Path, meta: dict[str, Any]) -> None:
+    """Every id of a shard is < vocab_size, read from the file itself (meta.json's max_id
+    says what was written, not what is there now): an id out of range made the loss NaN at
+    some later step. Reads the shard once, in chunks (about 1 s per GB from the page cache)."""
+    chunk = 1 << 24
+    for start in range(0, len(tokens_N), chunk):
+        part = np.asarray(tokens_N[start:start + chunk])
+        if int(part.max()) >= vocab_size:
+            off = start + int(np.argmax(part >= vocab_size))
+            raise DataError(
+                f"{path} holds token id {int(part[off - start])} at token offset {off} (byte "
+                f"{off * tokens_N.dtype.itemsize}) but the model's vocab_size is {vocab_size}; "
+                f"the data was tokenized with {meta['tokenizer']!r} (vocab_size "
+                f"{meta['vocab_size']}): a corrupt file, or data for another tokenizer "
+                "(re-run prepare with overwrite=True)")
+
+
 def load_split(data_dir: str | Path, split: str, *, vocab_size: int | None = None
                ) -> np.ndarray | ShardedTokens:
     """A split's tokens: one read-only np.memmap if it has one shard, else a ShardedTokens over
@@ -144,7 +166,6 @@ def load_split(data_dir: str | Path, split: str, *, vocab_size: int | None = Non
     meta = load_meta(data_dir)
     dtype = np.dtype(meta["dtype"])
     parts: list[np.ndarray] = []
-    max_id = -1
     for shard in split_shards(meta, split):
         path, n_tokens = Path(data_dir) / shard["file"], int(shard["tokens"])
         size = path.stat().st_size if path.exists() else None
@@ -157,17 +178,7 @@ def load_split(data_dir: str | Path, split: str, *, vocab_size: int | None = Non
         tokens_N = np.memmap(path, dtype=dtype, mode="r")
         parts.append(tokens_N)
         if vocab_size is not None:
-            if "max_id" in shard:
-                max_id = max(max_id, int(shard["max_id"]))
-            else:
-                chunk = 1 << 24
-                max_id = max([max_id] + [int(tokens_N[i:i + chunk].max())
-                                         for i in range(0, n_tokens, chunk)])
-    if vocab_size is not None and max_id >= vocab_size:
-        raise ValueError(f"{Path(data_dir)} {split} holds token id {max_id} but the model's "
-                         f"vocab_size is {vocab_size}; the data was tokenized with "
-                         f"{meta['tokenizer']!r} (vocab_size {meta['vocab_size']}): set the "
-                         f"model's vocab_size >= {max_id + 1}")
+            _check_ids(tokens_N, vocab_size, path, meta)
     if not parts:
         return np.zeros(0, dtype)
     return parts[0] if len(parts) == 1 else ShardedTokens(parts)

@@ -75,10 +75,17 @@ def load_checkpoints(workdirs: Sequence[str | Path]) -> list[Checkpoint]:
 
 def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
     """Records of a JSONL file; a bad line is an error naming the file, line and key."""
+    return [rec for _, rec in read_jsonl_lines(path, required)]
+
+
+def read_jsonl_lines(path: str | Path, required: Sequence[str]
+                     ) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a JSONL file, for messages about a record that is read fine
+    but cannot be used; a bad line is an error naming the file, line and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected a JSONL file)")
-    records = []
+    records: list[tuple[int, dict[str, Any]]] = []
     for n, rec in json_lines(path):
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
@@ -86,7 +93,7 @@ def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]
         if missing:
             raise ValueError(f"{path}:{n}: needs non-empty string fields {list(required)}; "
                              f"missing or empty: {missing}")
-        records.append(rec)
+        records.append((n, rec))
     if not records:
         raise ValueError(f"{path} holds no records")
     return records

@@ -17,6 +17,7 @@ sentence prefixes in 12 typo categories, each typo a 1-2 character edit of one c
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,18 +25,38 @@ import numpy as np
 
 from kronjax.probes import common
 
+log = logging.getLogger(__name__)
+
 DEFAULT_PAIRS = common.DATA_DIR / "robustness_pairs.jsonl"
 METRICS = ("kl", "cosine", "logp_drop", "top1_kept")
 OUTPUTS = ("robustness.json", "robustness.md")
 
 
+def read_pairs(path: str | Path = DEFAULT_PAIRS
+               ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """(usable pairs, skipped) of a JSONL file whose lines need string fields category, clean
+    and typo. A pair whose clean and typo texts are identical measures nothing (KL 0, top-1
+    kept) and would flatter every average: skipped, with a warning naming its line, not a
+    refusal of the whole list (researchers' lists have such pairs; the authors' 110 has one).
+    A malformed line is still an error naming its line."""
+    usable, skipped = [], []
+    for line, p in common.read_jsonl_lines(path, ("category", "clean", "typo")):
+        pair = {k: p[k] for k in ("category", "clean", "typo")}
+        if pair["clean"] == pair["typo"]:
+            skipped.append({"line": line, "reason": "identical clean and typo", **pair})
+        else:
+            usable.append(pair)
+    if skipped:
+        log.warning("%s: %d pair(s) with identical clean and typo text left out (line %s)",
+                    path, len(skipped), ", ".join(str(s["line"]) for s in skipped))
+    if not usable:
+        raise ValueError(f"{path}: no pair has a typo that differs from its clean text")
+    return usable, skipped
+
+
 def load_pairs(path: str | Path = DEFAULT_PAIRS) -> list[dict[str, str]]:
-    """The pairs of a JSONL file; each line needs string fields category, clean and typo."""
-    pairs = common.read_jsonl(path, ("category", "clean", "typo"))
-    for n, p in enumerate(pairs, 1):
-        if p["clean"] == p["typo"]:
-            raise ValueError(f"{path}: pair {n} has identical clean and typo text: {p['clean']!r}")
-    return [{k: p[k] for k in ("category", "clean", "typo")} for p in pairs]
+    """The usable pairs of a JSONL file (see read_pairs)."""
+    return read_pairs(path)[0]
 
 
 def pair_metrics(logits_clean_NxV: np.ndarray, logits_typo_NxV: np.ndarray,
@@ -94,8 +115,9 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, 
     return {"overall": overall, "categories": cats}
 
 
-def to_markdown(summary: Mapping[str, Sequence[Mapping[str, Any]]], pairs_file: str) -> str:
-    """Overall and per-category tables."""
+def to_markdown(summary: Mapping[str, Sequence[Mapping[str, Any]]], pairs_file: str,
+                skipped: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Overall and per-category tables; a note on pairs left out of them."""
     cols = ["KL(clean‖typo)", "cos(hidden)", "logp drop", "top-1 kept"]
     overall = common.markdown_table(
         ["checkpoint", "arm", "step", "pairs", *cols],
@@ -108,6 +130,10 @@ def to_markdown(summary: Mapping[str, Sequence[Mapping[str, Any]]], pairs_file: 
     n_trunc = sum(r["truncated"] for r in summary["overall"])
     note = (f"\n\n{n_trunc} pair evaluations were cut to the block size (see `truncated` in "
             "robustness.json).") if n_trunc else ""
+    if skipped:
+        note += (f"\n\n{len(skipped)} pair(s) left out of every average: identical clean and "
+                 f"typo text (line {', '.join(str(s['line']) for s in skipped)} of the pairs "
+                 "file; `skipped` in robustness.json).")
     return (f"## Typo robustness\n\npairs: `{pairs_file}`; next-token distributions at the last "
             f"position; KL and log-prob drop in nats; cosine of the final hidden states.\n\n"
             f"### Overall\n\n{overall}\n\n### Per category\n\n{cats}{note}\n")
@@ -117,13 +143,14 @@ def run(workdirs: Sequence[str | Path], pairs_file: str | Path = DEFAULT_PAIRS,
         out: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Evaluate every checkpoint on every pair; write robustness.{json,md} when out is set."""
     out_dir = common.prepare_out(out, OUTPUTS, force)
-    pairs = load_pairs(pairs_file)
+    pairs, skipped = read_pairs(pairs_file)
     ckpts = common.load_checkpoints(workdirs)
     records = [r for c in ckpts for r in evaluate(c, pairs)]
     summary = summarise(records)
     result = {"pairs_file": str(pairs_file), "checkpoints": [c.describe() for c in ckpts],
+              "pairs_used": len(pairs), "pairs_skipped": len(skipped), "skipped": skipped,
               **summary, "records": records}
-    result["markdown"] = to_markdown(summary, str(pairs_file))
+    result["markdown"] = to_markdown(summary, str(pairs_file), skipped)
     if out_dir is not None:
         common.write_json(out_dir / "robustness.json",
                           {k: v for k, v in result.items() if k != "markdown"})
