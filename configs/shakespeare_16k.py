@@ -8,9 +8,9 @@ Run:     python -m kronjax.compare --config configs/shakespeare_16k.py --seeds 3
 Differs from configs/default.py in the vocabulary and the budget only: a 16,384-piece
 sentencepiece BPE trained on the same Shakespeare (so V = 4 x C, C = 256 x 16 = 4096: the
 projection W has 1,048,576 parameters against the table's 4,194,304), and 100 steps of
-32 x 128 tokens (0.41M tokens, about 0.3 epoch; warmup 20), so most table rows see few
+16 x 128 tokens (0.2M tokens, about 0.15 epoch; warmup 20), so most table rows see few
 updates.
-Expect:  about 4 minutes a run on 2 idle CPU cores; docs/results.md ("Regime 2") has the
+Expect:  about 2-3 minutes a run on 2 idle CPU cores; docs/results.md ("Regime 2") has the
          measured values per arm and seed.
 """
 
@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg = load_config_file(REPO_CONFIGS / "default.py")
     cfg.data.sp_vocab_size = 16384
     cfg.train.steps = 100
+    cfg.train.batch_size = 16
     cfg.optim.warmup_steps = 20
     cfg.train.eval_every = 25
     cfg.train.checkpoint_every = 100
