@@ -8,8 +8,8 @@ Run:     python -m kronjax.compare --config configs/shakespeare_16k.py --seeds 3
 Differs from configs/default.py in the vocabulary and the budget only: a 16,384-piece
 sentencepiece BPE trained on the same Shakespeare (so V = 4 x C, C = 256 x 16 = 4096: the
 projection W has 1,048,576 parameters against the table's 4,194,304), and 100 steps of
-16 x 128 tokens (0.2M tokens, about 0.15 epoch; warmup 20), so most table rows see few
-updates.
+16 x 128 tokens (0.2M tokens, 0.13 of an epoch of its 1.52M; warmup 20), so most table
+rows see few updates.
 Expect:  about 2-3 minutes a run on 2 idle CPU cores; docs/results.md ("Regime 2") has the
          measured values per arm and seed.
 """
