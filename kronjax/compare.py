@@ -32,7 +32,9 @@ import numpy as np
 
 from kronjax import loop as train_lib
 from kronjax import config as config_lib
+from kronjax import run as run_lib
 from kronjax import stats
+from kronjax.metrics import METRICS_FILE
 from kronjax.model import ARMS
 
 log = logging.getLogger("kronjax.compare")
@@ -104,7 +106,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def is_finished(workdir: str | Path, steps: int) -> bool:
     """Finished = metrics.jsonl has the final step with its val_loss."""
     return any(r["step"] == steps and r.get("val_loss") is not None
-               for r in read_metrics(Path(workdir) / "metrics.jsonl"))
+               for r in read_metrics(Path(workdir) / METRICS_FILE))
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -128,14 +130,14 @@ def config_diff(cfg: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> lis
 
 def check_run_dir(workdir: Path, cfg: ml_collections.ConfigDict) -> None:
     """Refuse a run directory whose saved config differs from the one we would train."""
-    saved = workdir / "config.json"
+    saved = workdir / run_lib.CONFIG
     if saved.is_file():
         diff = config_diff(cfg, json.loads(saved.read_text()))
         if diff:
             raise RunMismatchError(
                 f"{workdir} was trained with a different config ({', '.join(diff)} differ); "
                 "use another --out, or move that run away")
-    elif (workdir / "metrics.jsonl").exists():
+    elif (workdir / METRICS_FILE).exists():
         raise RunMismatchError(f"{workdir} has metrics.jsonl but no config.json: not a run "
                                "this tool can resume; use another --out")
 
@@ -159,7 +161,7 @@ def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence
             status[name] = "skipped (finished)"
             log.info("%s: finished, skipped", name)
             continue
-        resumed = (wd / "checkpoints").exists()
+        resumed = (wd / run_lib.CHECKPOINTS).exists()
         log.info("%s: %s", name, "resuming" if resumed else "training")
         result = train_lib.train(rcfg, wd)
         if result.preempted:
@@ -349,7 +351,7 @@ def report(out: str | Path, arms: Sequence[str], seeds: Sequence[int],
            references: Sequence[str] | None = None) -> dict[str, Any]:
     """Read every run's metrics, write summary.{md,json} and the plots; returns the summary."""
     out = Path(out)
-    runs = {a: {s: read_metrics(out / run_name(a, s) / "metrics.jsonl") for s in seeds}
+    runs = {a: {s: read_metrics(out / run_name(a, s) / METRICS_FILE) for s in seeds}
             for a in arms}
     summary = summarise(runs, int(cfg.train.steps), int(cfg.train.eval_every), references)
     summary.update(dict(extra or {}))
