@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.bias = False
     cfg.model.pos_dim = 16
     cfg.model.kron_mode = "sparse"
+    cfg.model.attention = "auto"          # fused kernel on TPU/GPU, the reference on CPU
     cfg.model.dtype = "float32"           # XLA's bf16 is slow on CPU
     cfg.model.vocab_multiple = 64         # pad the vocabulary like nanoGPT's 50304
 

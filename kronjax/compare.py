@@ -38,8 +38,10 @@ from kronjax.metrics import METRICS_FILE
 from kronjax.model import ARMS
 
 log = logging.getLogger("kronjax.compare")
-IGNORED_KEYS = ("train.progress",)  # may differ between invocations without changing a run
-# Where a run executes (mesh layout, process setup) does not change what it computes.
+# May differ between invocations without changing what a run computes: the progress bar, the
+# attention kernel (the same function per platform), and where a run executes (mesh layout,
+# process setup).
+IGNORED_KEYS = ("train.progress", "model.attention")
 IGNORED_PREFIXES = ("mesh.", "dist.")
 Runs = Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]]  # {arm: {seed: records}}
 

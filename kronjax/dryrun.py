@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kronjax import mesh as mesh_lib
+from kronjax.attention import kernel_for
 from kronjax import optim
 from kronjax import run as run_lib
 from kronjax import topology as topology_lib
@@ -97,6 +98,8 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
         "vocab_parallel_ce": run_lib.use_vocab_parallel_ce(cfg, plan.mesh),
         "ce_chunk_tokens": plan.ce_chunk,
         "table_once_per_step": table_once_per_step(model, plan.micro_shape[0]),
+        "attention": kernel_for(devices[0].platform, plan.micro_shape[2], mcfg.head_dim,
+                                mcfg.dtype, mcfg.attention, mcfg.dropout > 0),
     }
     if mem is not None:
         fields = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
@@ -121,6 +124,7 @@ def dry_run(cfg: ml_collections.ConfigDict, *, topology: str | None = None,
         fused += "; kron_tied's codec table once per step"
     out(f"step: {a} micro-batch(es) of {bm} x {t} tokens (global batch {a * bm}); "
         f"vocab-parallel cross-entropy {report['vocab_parallel_ce']}; {fused}; "
+        f"attention {report['attention']}; "
         f"compiled in {seconds:.1f} s")
     if mem is None:
         out("memory_analysis: not available on this backend")

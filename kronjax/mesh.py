@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from kronjax.attention import AttentionCore
 from kronjax.errors import UserError
 from kronjax.loss import cross_entropy, vocab_parallel_losses
 from kronjax.model import GPT, LOGICAL_AXES
@@ -343,6 +344,8 @@ def activation_interceptor(mesh: Mesh, rules: Rules) -> Callable[..., Any]:
         return jax.lax.with_sharding_constraint(x, sh)
 
     def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        if isinstance(context.module, AttentionCore) and context.method_name == "__call__":
+            return _attention_per_shard(next_fun, args, kwargs, mesh, rules)
         out = next_fun(*args, **kwargs)
         if (context.method_name == "__call__" and isinstance(context.module, Block)) or (
                 context.method_name == "embed" and isinstance(context.module, GPT)):
@@ -350,6 +353,20 @@ def activation_interceptor(mesh: Mesh, rules: Rules) -> Callable[..., Any]:
         return out
 
     return interceptor
+
+
+def _attention_per_shard(core: Callable[..., Any], args: Any, kwargs: Any, mesh: Mesh,
+                         rules: Rules) -> Any:
+    """An accelerator's fused attention kernel on each device's sequences and heads
+    (shard_map: XLA cannot partition a Pallas call). CPU meshes, and attention with dropout
+    (the reference), are left to XLA's partitioner as before."""
+    dropout = args[3] if len(args) > 3 else kwargs.get("dropout")
+    if mesh.devices.flat[0].platform == "cpu" or mesh.size == 1 or dropout is not None:
+        return core(*args, **kwargs)
+    spec = logical_sharding((BATCH, None, "heads", "kv"), args[0].shape, mesh, rules,
+                            "attention").spec
+    return jax.shard_map(lambda q, k, v: core(q, k, v), mesh=mesh, in_specs=(spec,) * 3,
+                         out_specs=spec, check_vma=False)(*args[:3])
 
 
 # -- the loss on the mesh (its formulas are kronjax.loss's) ------------------------------------

@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kronjax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS, AttentionCore
 from kronjax.embed import MODES, ByteOverride, KroneckerEmbed
-from kronjax.layers import (INIT_STD, LN_EPS, LayerNorm, Linear, causal_attention, gelu,
-                            partitioned)
+from kronjax.layers import INIT_STD, LN_EPS, LayerNorm, Linear, gelu, partitioned
 from kronjax.loss import fused_cross_entropy
 from kronjax.vocab import ByteVocab
 
@@ -69,12 +69,16 @@ class GPTConfig:
     arm: str = "kron"
     pos_dim: int = 16
     kron_mode: str = "sparse"
+    attention: str = "auto"  # kronjax.attention: "auto" (per platform) or "reference"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
             raise ValueError(f"unknown arm {self.arm!r}; valid arms are {', '.join(ARMS)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
         if self.kron_mode not in MODES:
             raise ValueError(f"unknown kron_mode {self.kron_mode!r}; valid: {', '.join(MODES)}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pos_dim"):
@@ -138,8 +142,9 @@ class CausalSelfAttention(nn.Module):
         qkv_BxTx3xHxK = Linear((d,), (3, h, k), ("embed", None, "heads", "kv"), name="c_attn",
                                **kw)(x_BxTxD)
         q, key, v = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
-        attn_drop = nn.Dropout(c.dropout, deterministic=not train)
-        y_BxTxHxK = causal_attention(q, key, v, c.dtype, attn_drop)
+        attn_drop = (nn.Dropout(c.dropout, deterministic=False) if train and c.dropout > 0
+                     else None)
+        y_BxTxHxK = AttentionCore(c.dtype, c.attention, name="attend")(q, key, v, attn_drop)
         y_BxTxD = Linear((h, k), (d,), ("heads", "kv", "embed"), name="c_proj",
                          std=INIT_STD / math.sqrt(2 * c.n_layer), **kw)(y_BxTxHxK)
         return nn.Dropout(c.dropout, deterministic=not train)(y_BxTxD)

@@ -79,20 +79,24 @@ def test_libtpu_describes_one_device_per_chip(name: str, devices: int, kind: str
 
 
 @needs_libtpu
-@pytest.mark.parametrize("name, mesh, devices", [
-    ("v4-8", {}, 4),                                            # megacore: one device per chip
-    ("v5litepod-16", {"data": 2, "fsdp": 4, "tensor": 2}, 16),  # 4 hosts, every mesh axis
-    ("v6e-8", {}, 8),
+@pytest.mark.parametrize("name, mesh, devices, attention", [
+    ("v4-8", {}, 4, "reference"),                # megacore: one device per chip; T = 32
+    # 4 hosts, every mesh axis; T = 128 and K = 64 take the splash kernel under shard_map
+    ("v5litepod-16", {"data": 2, "fsdp": 4, "tensor": 2}, 16, "splash"),
+    ("v6e-8", {}, 8, "reference"),
 ])
-def test_the_tiny_step_compiles_for_a_slice(name: str, mesh: dict[str, int], devices: int) -> None:
+def test_the_tiny_step_compiles_for_a_slice(name: str, mesh: dict[str, int], devices: int,
+                                            attention: str) -> None:
     from kronjax import config as config_lib
     from kronjax import dryrun
 
     overrides = [(f"mesh.{k}", str(v)) for k, v in mesh.items()]
+    if attention == "splash":
+        overrides += [("model.block_size", "128"), ("model.n_embd", "128")]
     cfg = config_lib.build_config(config_lib.REPO_CONFIGS / "tiny.py", overrides)
     lines: list[str] = []
     rep = dryrun.dry_run(cfg, topology=name, out=lines.append)
-    assert (rep["platform"], rep["devices"]) == ("tpu", devices)
+    assert (rep["platform"], rep["devices"], rep["attention"]) == ("tpu", devices, attention)
     assert rep["mesh"] == {"data": devices, "fsdp": 1, "tensor": 1} | mesh
     total = rep["memory_per_device"]["total"]
     assert 0 < total <= rep["hbm_per_device"] and rep["fits"]
