@@ -17,8 +17,9 @@ Three implementations, all exact against the authors' PyTorch package:
 - `codec_vectors`: the dense on-the-fly computation in JAX (the paper's runtime variant).
 - `closed_form`: L row gathers and one shared column sum; no V x C table, no N x C intermediate.
   Blocked loops with a hand-written VJP (scatter-add into W's (256, P, D) slabs), so that
-  on CPU its forward+backward beats `nn.Embed`'s (whose gradient is a dense V x D); on GPU
-  and TPU all tokens form one block (no sequential loop: XLA fuses the gathers there).
+  on CPU its forward+backward beats `nn.Embed`'s (whose gradient is a dense V x D); on GPUs
+  all tokens form one block (no sequential loop: XLA fuses the gathers there); on TPUs both
+  directions are one matmul with the bytes' one-hot (the MXU instead of P gathers).
 """
 
 from __future__ import annotations
@@ -279,23 +280,78 @@ def _project_bwd_impl(ct_NxD: jax.Array, tokens: _Tokens, eps: float,
     return dw_256xPxD.reshape(codec_dim(pos_dim), f)
 
 
-def _per_platform(run: Any) -> jax.Array:
-    """run(block) with the CPU block size on CPU and _ACCELERATOR_BLOCK elsewhere.
+def _onehot_MxPx256(r_MxP: jax.Array, l_M: jax.Array) -> jax.Array:
+    """Token m's byte at position p as a one-hot over the 256 byte values (zero past its
+    length): x of the module docstring before scaling, as a (M, P, 256) float32 operand."""
+    valid_MxP = jnp.arange(r_MxP.shape[1], dtype=jnp.int32) < l_M[:, None]
+    return ((r_MxP[:, :, None] == jnp.arange(CHAR_DIM, dtype=jnp.int32))
+            & valid_MxP[:, :, None]).astype(jnp.float32)
+
+
+def _project_fwd_mxu(w_CxD: jax.Array, tokens: _Tokens, eps: float, normalise: bool
+                     ) -> jax.Array:
+    """`_project_fwd_impl` as one matmul of the tokens' one-hot bytes with W (TPU's MXU).
+
+    XLA:TPU's cost model charges a gathered row about eight times its bytes, so P gathers
+    per token cost 16-20x the table arm's one (docs/scaling.md); the one-hot product reads
+    W and writes the output once, for 2 * P * 256 * D flops per token. Precision HIGHEST:
+    float32 sums, as the other variants (one-hot entries are exact in any precision).
+    """
+    f = w_CxD.shape[1]
+    if tokens.n == 0:
+        return jnp.zeros((0, f), w_CxD.dtype)
+    r_MxP, l_M, v_M = tokens.block_at(0)
+    acc_MxD = jnp.einsum("mpc,cpd->md", _onehot_MxPx256(r_MxP, l_M),
+                         w_CxD.reshape(CHAR_DIM, tokens.pos_dim, f).astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
+    if normalise:
+        s_M, mu_M, inv_M = length_stats(l_M, tokens.pos_dim, eps)
+        acc_MxD = (s_M[:, None] * acc_MxD - mu_M[:, None] * jnp.sum(w_CxD, axis=0)
+                   ) * inv_M[:, None]
+    if v_M is not None:
+        acc_MxD = jnp.where(v_M[:, None], acc_MxD, jnp.nan)
+    return acc_MxD[:tokens.n].astype(w_CxD.dtype)
+
+
+def _project_bwd_mxu(ct_NxD: jax.Array, tokens: _Tokens, eps: float, normalise: bool
+                     ) -> jax.Array:
+    """The transpose of `_project_fwd_mxu`: dW = onehot^T (s * inv * ct) - shared term."""
+    pos_dim, f = tokens.pos_dim, ct_NxD.shape[1]
+    if tokens.n == 0:
+        return jnp.zeros((codec_dim(pos_dim), f), jnp.float32)
+    r_MxP, l_M, v_M = tokens.block_at(0)
+    ct_MxD = _pad_tokens(ct_NxD.astype(jnp.float32), tokens.total)
+    s_M, mu_M, inv_M = _coefficients(l_M, pos_dim, eps, normalise)
+    h_MxD = (s_M * inv_M)[:, None] * ct_MxD
+    if v_M is not None:
+        h_MxD = jnp.where(v_M[:, None], h_MxD, 0.0)
+    dw_256xPxD = jnp.einsum("mpc,md->cpd", _onehot_MxPx256(r_MxP, l_M), h_MxD,
+                            precision=jax.lax.Precision.HIGHEST)
+    dw_CxD = dw_256xPxD.reshape(codec_dim(pos_dim), f)
+    if normalise:
+        m_M = mu_M * inv_M if v_M is None else jnp.where(v_M, mu_M * inv_M, 0.0)
+        dw_CxD = dw_CxD - jnp.sum(m_M[:, None] * ct_MxD, axis=0)
+    return dw_CxD
+
+
+def _per_platform(blocked: Any, mxu: Any) -> jax.Array:
+    """blocked(block) with the CPU block size on CPU and _ACCELERATOR_BLOCK on GPUs;
+    mxu(None), the one-hot matmul formulation, on TPUs.
 
     `lax.platform_dependent`, not the default backend, picks: a step compiled ahead of time
     for another platform (a TPU dry run on a CPU host) gets that platform's variant. Every
-    variant computes each token's output by the same operations (the compiled code may round
+    variant computes each token's output from the same terms (the compiled code may round
     them differently, by an ulp); the backward's sums are merely grouped differently.
     """
-    if _BLOCK == _ACCELERATOR_BLOCK:
-        return run(_BLOCK)
-    return jax.lax.platform_dependent(cpu=lambda: run(_BLOCK),
-                                      default=lambda: run(_ACCELERATOR_BLOCK))
+    return jax.lax.platform_dependent(cpu=lambda: blocked(_BLOCK), tpu=lambda: mxu(None),
+                                      default=lambda: blocked(_ACCELERATOR_BLOCK))
 
 
 def _forward(w_CxD, rows, lengths, ids_N, valid_N, eps, normalise):
-    return _per_platform(lambda block: _project_fwd_impl(
-        w_CxD, _Tokens(rows, lengths, ids_N, valid_N, block), eps, normalise))
+    def run(impl: Any) -> Any:
+        return lambda block: impl(w_CxD, _Tokens(rows, lengths, ids_N, valid_N, block), eps,
+                                  normalise)
+    return _per_platform(run(_project_fwd_impl), run(_project_fwd_mxu))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -313,8 +369,10 @@ def _project_fwd(w_CxD, rows, lengths, ids_N, valid_N, eps, normalise):
 
 def _project_bwd(eps, normalise, res, ct_NxD):
     rows, lengths, ids_N, valid_N, dtype_tag = res
-    dw = _per_platform(lambda block: _project_bwd_impl(
-        ct_NxD, _Tokens(rows, lengths, ids_N, valid_N, block), eps, normalise))
+    def run(impl: Any) -> Any:
+        return lambda block: impl(ct_NxD, _Tokens(rows, lengths, ids_N, valid_N, block), eps,
+                                  normalise)
+    dw = _per_platform(run(_project_bwd_impl), run(_project_bwd_mxu))
     return dw.astype(dtype_tag.dtype), None, None, None, None
 
 

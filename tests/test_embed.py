@@ -171,3 +171,41 @@ def test_embed_bytes_refuses_out_of_range_inputs(vocab: ByteVocab, mode: str) ->
                                np.asarray(embed(rows, lengths)), rtol=1e-6)  # ints in range: fine
     # Under jit the values are unknown: not checked (documented), still computes.
     assert jax.jit(embed)(rows, lengths).shape == (2, 4)
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_tpu_one_hot_formulation_equals_the_formula(vocab: ByteVocab, normalise: bool) -> None:
+    """The TPU variant (one-hot bytes @ W on the MXU), called directly on CPU: forward and
+    backward equal the NumPy formula and the blocked CPU loops, invalid ids included."""
+    from kronjax import codec
+
+    rng = np.random.default_rng(11)
+    w = jnp.asarray(_params(vocab, 6, seed=12))
+    ids = jnp.asarray(rng.integers(-1, 17, size=200), jnp.int32)
+    g = jnp.asarray(rng.normal(size=(200, 6)).astype(np.float32))
+    rows, lengths = jnp.asarray(vocab.rows), jnp.asarray(vocab.lengths)
+
+    def tokens(block: int | None) -> object:
+        return codec._Tokens(rows, lengths, ids, None, block)
+
+    fwd = codec._project_fwd_mxu(w, tokens(None), codec.EPS, normalise)
+    bwd = codec._project_bwd_mxu(g, tokens(None), codec.EPS, normalise)
+    ok = np.asarray((ids >= 0) & (ids < 16))
+    ids_ok = np.asarray(ids)[ok]
+    if normalise:
+        k = reference_codec(vocab.rows, vocab.lengths).astype(np.float64)
+    else:  # the plain gather-sum: sum_p onehot(b_p * P + p)
+        k = np.zeros((16, vocab.codec_dim))
+        for v in range(16):
+            for p in range(int(vocab.lengths[v])):
+                k[v, int(vocab.rows[v, p]) * vocab.pos_dim + p] = 1.0
+    assert np.isnan(np.asarray(fwd)[~ok]).all()
+    np.testing.assert_allclose(np.asarray(fwd)[ok], k[ids_ok] @ np.asarray(w), rtol=1e-5,
+                               atol=1e-5)
+    want = k[ids_ok].T @ np.asarray(g)[ok]
+    np.testing.assert_allclose(np.asarray(bwd), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    blocked_fwd = codec._project_fwd_impl(w, tokens(128), codec.EPS, normalise)
+    blocked_bwd = codec._project_bwd_impl(g, tokens(128), codec.EPS, normalise)
+    np.testing.assert_allclose(np.asarray(fwd)[ok], np.asarray(blocked_fwd)[ok], rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bwd), np.asarray(blocked_bwd), rtol=1e-5, atol=1e-5)
