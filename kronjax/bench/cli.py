@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kronjax.bench.attention import __doc__ as ATTENTION_DOC
+from kronjax.bench.attention import cmd_attention
 from kronjax.bench.embed import cmd_embed
 from kronjax.bench.step import STEP_ARMS, STEP_DOC, VOCAB_SOURCES, cmd_step
+from kronjax.bench.tpu import FIT_TYPES, cmd_tpu
+from kronjax.bench.tpu import __doc__ as TPU_DOC
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +68,48 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=cmd_step)
+
+    at = sub.add_parser("attention", help="this platform's attention kernel against the "
+                        "reference: time, memory, differences", description=ATTENTION_DOC,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    at.add_argument("--batch", type=int, default=16)
+    at.add_argument("--seq", type=int, default=1024)
+    at.add_argument("--heads", type=int, default=12)
+    at.add_argument("--head-dim", type=int, default=64)
+    at.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    at.add_argument("--reps", type=int, default=10, help="timed rounds (after warm-up)")
+    at.add_argument("--warmup", type=int, default=2)
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--json", action="store_true", help="print one JSON object")
+    at.set_defaults(func=cmd_attention)
+
+    tp = sub.add_parser("tpu", help="the step compiled for TPU slices (no TPU needed): memory "
+                        "per chip, largest micro-batch, XLA cost ratios", description=TPU_DOC,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tp.add_argument("--config", default=None, help="config file (default configs/gpt2_124m.py); "
+                    "then --config.a.b=value overrides")
+    tp.add_argument("--arms", type=_arm_list, default=list(STEP_ARMS),
+                    help=f"comma-separated, of {','.join(STEP_ARMS)} (default: all)")
+    tp.add_argument("--types", type=_type_list, default=list(FIT_TYPES),
+                    help=f"comma-separated Cloud TPU accelerator types (default: "
+                         f"{','.join(FIT_TYPES)})")
+    tp.add_argument("--json", action="store_true", help="print one JSON object")
+    tp.set_defaults(func=cmd_tpu)
     return parser
+
+
+def _type_list(text: str) -> list[str]:
+    from kronjax.topology import TopologyError, parse_accelerator_type
+
+    types = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        for t in types:
+            parse_accelerator_type(t)
+    except TopologyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    if not types:
+        raise argparse.ArgumentTypeError("--types needs at least one accelerator type")
+    return types
 
 
 def _arm_list(text: str) -> list[str]:
@@ -87,10 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
-    if overrides and args.command != "step":
-        parser.error("--config.* overrides apply to the step benchmark only")
+    if overrides and args.command not in ("step", "tpu"):
+        parser.error("--config.* overrides apply to the step and tpu benchmarks only")
     args.overrides = overrides
-    for flag in ("vocab", "d_model", "tokens", "pos_dim", "reps", "vocab_size", "torch_threads"):
+    for flag in ("vocab", "d_model", "tokens", "pos_dim", "reps", "vocab_size", "torch_threads",
+                 "batch", "seq", "heads", "head_dim"):
         value = getattr(args, flag, 1)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -99,6 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     except ValueError as e:  # a config the step cannot be built for: say so, no traceback
-        if args.command != "step":
+        if args.command not in ("step", "tpu"):
             raise
-        parser.error(f"step: {e}")
+        parser.error(f"{args.command}: {e}")
