@@ -51,10 +51,9 @@ def _splash_block(t: int) -> int:
     return block
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(t: int, h: int, interpret: bool) -> Callable[..., jax.Array]:
-    """The splash kernel for h heads of causal T x T attention (built once per shape: its
-    mask tables are computed in NumPy)."""
+    """The splash kernel for h heads of causal T x T attention. Built anew in every trace:
+    it holds arrays of its mask tables, which must belong to the trace that uses them."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk, splash_attention_mask as sm)
 

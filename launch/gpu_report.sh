@@ -12,11 +12,12 @@
 #                    step before the fused attention)
 #   embed.json       python -m kronjax.bench embed --tokens 65536: the embedding layer alone
 #   gpu.txt          nvidia-smi and the versions
+#   log.txt          every part's stderr
 #
-# Each part runs on even if an earlier one failed (its error goes to OUTDIR/PART.err); the
-# exit status is the number of parts that failed. PYTHON picks the interpreter (python3).
+# Each part runs on even if an earlier one failed; the exit status is the number of parts
+# that failed. PARTS="attention step" runs only those. PYTHON picks the interpreter.
 set -uo pipefail
-[[ $# -eq 1 && "$1" != -* ]] || { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[[ $# -eq 1 && "$1" != -* ]] || { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 out="$1"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -24,14 +25,15 @@ py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 failed=0
 
-part() {  # part NAME COMMAND...: stdout to NAME.json, stderr to NAME.err (and the terminal)
+part() {  # part NAME COMMAND...: stdout to NAME.json, stderr to log.txt (and the terminal)
   local name="$1"; shift
+  [[ " ${PARTS:-attention step step_reference_attention embed} " == *" $name "* ]] || return 0
   echo "[gpu_report] $name: $*" >&2
   local t0=$SECONDS
-  if "$@" > "$out/$name.json" 2> >(tee "$out/$name.err" >&2); then
+  if "$@" > "$out/$name.json" 2> >(tee -a "$out/log.txt" >&2); then
     echo "[gpu_report] $name done in $((SECONDS - t0)) s" >&2
   else
-    echo "[gpu_report] $name FAILED after $((SECONDS - t0)) s (see $out/$name.err)" >&2
+    echo "[gpu_report] $name FAILED after $((SECONDS - t0)) s (see $out/log.txt)" >&2
     failed=$((failed + 1))
   fi
 }
