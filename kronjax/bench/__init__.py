@@ -1,4 +1,6 @@
-"""Benchmarks: the embedding layer alone (`embed`) and the full train step (`step`).
+"""Benchmarks: the embedding layer alone (`embed`), the full train step (`step`), this
+platform's attention kernel against the reference (`attention`), and the step compiled for
+TPU slices on any host (`tpu`: memory per chip, largest micro-batch, XLA cost ratios).
 
     python -m kronjax.bench embed [--vocab 50304] [--d-model 768] [--tokens 16384]
                                   [--pos-dim 16] [--reps 10] [--json]
@@ -19,8 +21,11 @@ time(arm) / time(baseline): below 1 is faster.
 
 `step` is described in kronjax.bench.step.STEP_DOC (python -m kronjax.bench step --help).
 
+    python -m kronjax.bench attention [--batch 16] [--seq 1024] [--heads 12] [--head-dim 64]
+    python -m kronjax.bench tpu [--config FILE] [--types v4-8,...] [--arms ...] [--json]
+
 Modules: timing (machine, interleaved rounds, memory), embed, step, torch_step (nanoGPT in
-PyTorch), cli.
+PyTorch), attention, tpu, cli.
 """
 
 from kronjax.bench.cli import build_parser, main
