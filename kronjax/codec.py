@@ -280,17 +280,21 @@ def _project_bwd_impl(ct_NxD: jax.Array, tokens: _Tokens, eps: float,
     return dw_256xPxD.reshape(codec_dim(pos_dim), f)
 
 
-def _onehot_MxPx256(r_MxP: jax.Array, l_M: jax.Array) -> jax.Array:
-    """Token m's byte at position p as a one-hot over the 256 byte values (zero past its
-    length): x of the module docstring before scaling, as a (M, P, 256) float32 operand."""
-    valid_MxP = jnp.arange(r_MxP.shape[1], dtype=jnp.int32) < l_M[:, None]
-    return ((r_MxP[:, :, None] == jnp.arange(CHAR_DIM, dtype=jnp.int32))
-            & valid_MxP[:, :, None]).astype(jnp.float32)
+def _onehot_MxC(r_MxP: jax.Array, l_M: jax.Array) -> jax.Array:
+    """x of the module docstring before scaling: token m's row of the codec, 1 at column
+    b_p * P + p for each p < L, as a (M, C) float32 operand (C in W's own row order, so the
+    product is a plain 2-D matmul, partitioned like any other over W's sharded rows)."""
+    m, pos_dim = r_MxP.shape
+    r_Mx256xP = jnp.broadcast_to(r_MxP[:, None, :], (m, CHAR_DIM, pos_dim))
+    byte_1x256x1 = jnp.arange(CHAR_DIM, dtype=jnp.int32)[None, :, None]
+    valid_Mx1xP = (jnp.arange(pos_dim, dtype=jnp.int32) < l_M[:, None])[:, None, :]
+    return ((r_Mx256xP == byte_1x256x1) & valid_Mx1xP).astype(jnp.float32).reshape(
+        m, CHAR_DIM * pos_dim)
 
 
 def _project_fwd_mxu(w_CxD: jax.Array, tokens: _Tokens, eps: float, normalise: bool
                      ) -> jax.Array:
-    """`_project_fwd_impl` as one matmul of the tokens' one-hot bytes with W (TPU's MXU).
+    """`_project_fwd_impl` as one matmul of the tokens' one-hot codec rows with W (the MXU).
 
     XLA:TPU's cost model charges a gathered row about eight times its bytes, so P gathers
     per token cost 16-20x the table arm's one (docs/scaling.md); the one-hot product reads
@@ -301,9 +305,8 @@ def _project_fwd_mxu(w_CxD: jax.Array, tokens: _Tokens, eps: float, normalise: b
     if tokens.n == 0:
         return jnp.zeros((0, f), w_CxD.dtype)
     r_MxP, l_M, v_M = tokens.block_at(0)
-    acc_MxD = jnp.einsum("mpc,cpd->md", _onehot_MxPx256(r_MxP, l_M),
-                         w_CxD.reshape(CHAR_DIM, tokens.pos_dim, f).astype(jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST)
+    acc_MxD = jnp.dot(_onehot_MxC(r_MxP, l_M), w_CxD.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
     if normalise:
         s_M, mu_M, inv_M = length_stats(l_M, tokens.pos_dim, eps)
         acc_MxD = (s_M[:, None] * acc_MxD - mu_M[:, None] * jnp.sum(w_CxD, axis=0)
@@ -325,9 +328,7 @@ def _project_bwd_mxu(ct_NxD: jax.Array, tokens: _Tokens, eps: float, normalise: 
     h_MxD = (s_M * inv_M)[:, None] * ct_MxD
     if v_M is not None:
         h_MxD = jnp.where(v_M[:, None], h_MxD, 0.0)
-    dw_256xPxD = jnp.einsum("mpc,md->cpd", _onehot_MxPx256(r_MxP, l_M), h_MxD,
-                            precision=jax.lax.Precision.HIGHEST)
-    dw_CxD = dw_256xPxD.reshape(codec_dim(pos_dim), f)
+    dw_CxD = jnp.dot(_onehot_MxC(r_MxP, l_M).T, h_MxD, precision=jax.lax.Precision.HIGHEST)
     if normalise:
         m_M = mu_M * inv_M if v_M is None else jnp.where(v_M, mu_M * inv_M, 0.0)
         dw_CxD = dw_CxD - jnp.sum(m_M[:, None] * ct_MxD, axis=0)
