@@ -1,12 +1,23 @@
 """Checkpoints: train state + grain iterator + JSON metadata, one orbax step each.
 
 A thin wrapper over `ocp.CheckpointManager` (async saves, `max_to_keep`, save
-every N steps) that fixes the three items a kronjax run needs so resuming is one
+every N steps) that fixes the items a kronjax run needs so resuming is one
 call: `state` (any pytree of arrays, restored onto the shardings of an abstract
-target), `data` (the grain iterator's position, so no batch is seen twice) and
-`meta` (config facts checked before anything is built). Orbax writes each step
-into `<step>.orbax-checkpoint-tmp` and renames it only once every item is
-written, so a run killed mid-save resumes from the previous complete step.
+target), `data` (the grain iterator's position, so no batch is seen twice),
+`meta` (config facts checked before anything is built) and `checksums` (two
+32-bit sums per array, `kronjax.checksums`, compared after every restore). Orbax
+writes each step into `<step>.orbax-checkpoint-tmp` and renames it only once
+every item is written, so a run killed mid-save resumes from the previous
+complete step.
+
+Restoring the latest step falls back, newest first, past steps that cannot be
+restored (missing or truncated files, a missing item, unreadable metadata, a
+checksum mismatch), each named in a warning; nothing is deleted. Before the next
+save, such steps are moved out of orbax's sight into `<directory>.unreadable/`
+(so `max_to_keep` neither counts nor deletes them). A save that fails (disk
+full) raises `CheckpointSaveError` in one line; a background save's failure is
+noticed by `check()`, which the train loop calls after every step. The errors
+live in `kronjax.checkpoint_errors`, the stop signals in `kronjax.signals`.
 
 Everything here must be called on every process (orbax synchronises hosts); the
 directory must be shared storage visible to all of them.
@@ -17,65 +28,36 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import threading
-from collections.abc import Callable, Mapping, Sequence
-from types import FrameType
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from kronjax import checksums as checksums_lib
+from kronjax.checkpoint_errors import (COMPAT_KEYS, CheckpointSaveError, ChecksumMismatch,
+                                       IncompatibleCheckpointError, UnreadableCheckpointError,
+                                       as_json, check_compatible, describe_failure, quiet_orbax)
+from kronjax.signals import StopFlag, install_sigterm_handler
+
 __all__ = [
     "COMPAT_KEYS",
+    "CheckpointSaveError",
     "Checkpointer",
     "IncompatibleCheckpointError",
     "StopFlag",
+    "UnreadableCheckpointError",
     "check_compatible",
+    "describe_failure",
     "install_sigterm_handler",
 ]
 
 log = logging.getLogger(__name__)
 
-COMPAT_KEYS: tuple[str, ...] = ("arm", "vocab_fingerprint", "model_shape", "tokenizer")
-_MISSING = "<missing>"
-
-
-class IncompatibleCheckpointError(ValueError):
-    """The checkpoint in a workdir was written by a run this config cannot resume."""
-
-
-def _as_json(value: Any) -> Any:
-    """What `value` reads back as after a JSON round trip (tuples become lists)."""
-    return json.loads(json.dumps(value))
-
-
-def check_compatible(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    keys: Sequence[str] = COMPAT_KEYS,
-) -> None:
-    """Raise `IncompatibleCheckpointError` naming every key where the runs differ.
-
-    Values are compared as JSON (the form `saved` was stored in), so a tuple
-    `model_shape` matches its saved list. A key absent from both is fine; absent
-    from one side only is a mismatch.
-    """
-    diffs = []
-    for key in keys:
-        s = saved.get(key, _MISSING)
-        c = _as_json(current[key]) if key in current else _MISSING
-        if s != c:
-            diffs.append(f"  {key}: checkpoint has {s!r}, current config has {c!r}")
-    if diffs:
-        raise IncompatibleCheckpointError(
-            "the checkpoint cannot be resumed with this config:\n"
-            + "\n".join(diffs)
-            + "\nUse a fresh --workdir for a new run, or rerun with the config that"
-            " wrote this checkpoint."
-        )
+UNREADABLE_SUFFIX = ".unreadable"  # <directory>.unreadable/<step>: steps set aside, kept
 
 
 def _check_iterator(data_iter: Any) -> None:
@@ -87,6 +69,21 @@ def _check_iterator(data_iter: Any) -> None:
             "data_iter must be a grain iterator (iter() of a grain IterDataset or"
             f" DataLoader, with get_state/set_state), got {type(data_iter).__name__}"
         )
+
+
+class _FailedElsewhere(RuntimeError):
+    pass
+
+
+def _everywhere(ok: bool) -> None:
+    """Under several processes, agree on whether a step restored: raise _FailedElsewhere on
+    the processes where it did if it failed on another, so all go on to the same step."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    if not np.all(multihost_utils.process_allgather(np.array([ok]))) and ok:
+        raise _FailedElsewhere("another process could not restore this step")
 
 
 def _absolute(directory: str | os.PathLike[str]) -> epath.Path:
@@ -116,7 +113,10 @@ class Checkpointer:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}")
+        quiet_orbax()
         self.directory = _absolute(directory)
+        self._pending: int | None = None      # the step of a save that may still be running
+        self._unreadable: dict[int, str] = {}  # step -> why it could not be restored
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             # Exactly every `save_every` steps or at a preemption sync point.
@@ -135,6 +135,7 @@ class Checkpointer:
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
+                "checksums": ocp.JsonCheckpointHandler(),
             },
         )
         # Orbax removes what a killed save left behind in a background thread and waits for
@@ -177,16 +178,23 @@ class Checkpointer:
     ) -> bool:
         """Start an (async) save of `step` if due, or regardless with `force`.
 
-        The iterator's position and `meta` are captured before this returns;
-        array writes continue in the background (call `wait()` before reading
-        the files). Returns whether a save was started.
+        The iterator's position, `meta` and the state's checksums are captured
+        before this returns; array writes continue in the background (call
+        `wait()` before reading the files, `check()` to learn of a failure).
+        Returns whether a save was started. Raises `CheckpointSaveError` if this
+        save, or a previous one still unreported, failed.
         """
         step = int(step)
         _check_iterator(data_iter)
         try:
-            meta_json = _as_json(dict(meta))
+            meta_json = as_json(dict(meta))
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint meta must be JSON-serializable: {e}") from e
+        self.check()
+        self._set_aside_unreadable()
+        if not force and not self._mngr.should_save(step):
+            return False
+        self._finish_pending()  # orbax would wait for it here too; its failure is reported
         steps = self.all_steps()
         if step in steps:
             log.warning(
@@ -201,10 +209,66 @@ class Checkpointer:
         items: dict[str, ocp.args.CheckpointArgs] = {
             "state": ocp.args.StandardSave(state),
             "meta": ocp.args.JsonSave(meta_json),
+            "checksums": ocp.args.JsonSave(checksums_lib.tree_checksums(state)),
         }
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=force))
+        try:
+            started = bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
+        except Exception as e:  # noqa: BLE001 - reported in one line, the cause chained
+            raise self._save_error(step, e) from e
+        if started:
+            self._pending = step
+        return started
+
+    def check(self) -> None:
+        """Raise `CheckpointSaveError` now if a background save has failed; returns at once
+        while one is still running (the train loop calls this after every step)."""
+        if self._pending is not None and not self._mngr.is_saving_in_progress():
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Wait for the pending save, if any; its failure as a CheckpointSaveError."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - reported in one line, the cause chained
+            raise self._save_error(step, e) from e
+
+    def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
+        log.debug("checkpoint save of step %d failed", step, exc_info=e)
+        older = [s for s in self.all_steps() if s != step]
+        kept = (f"the earlier checkpoints are untouched (latest: step {older[-1]}; a rerun "
+                "resumes from it once the cause is fixed)" if older else
+                "there is no earlier checkpoint")
+        return CheckpointSaveError(f"checkpoint save of step {step} to {self.directory / str(step)}"
+                                   f" failed: {describe_failure(e)}; {kept}")
+
+    def _set_aside_unreadable(self) -> None:
+        """Move the steps found unreadable out of orbax's directory (kept, never deleted),
+        so that saving can continue from the step that was restored."""
+        bad = sorted(s for s in self._unreadable if s in self.all_steps())
+        self._unreadable.clear()
+        if not bad:
+            return
+        aside = self.directory.parent / (self.directory.name + UNREADABLE_SUFFIX)
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for s in bad:
+                dest, n = aside / str(s), 1
+                while dest.exists():
+                    n += 1
+                    dest = aside / f"{s}-{n}"
+                (self.directory / str(s)).rename(dest)
+                log.warning("unreadable checkpoint step %d moved to %s (kept for inspection; "
+                            "delete it once you no longer need it)", s, dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("kronjax: unreadable checkpoints set aside")
+        self._mngr.reload()
 
     def _resolve(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -218,116 +282,146 @@ class Checkpointer:
             )
         return int(step)
 
-    def restore(
-        self, step: int | None, abstract_state: Any, data_iter: Any
-    ) -> tuple[Any, dict[str, Any]]:
-        """Return `(state, meta)` of `step` (None: latest); `data_iter` is restored in place.
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        if not isinstance(out["meta"], Mapping):
+            raise ValueError(f"meta holds {type(out['meta']).__name__}, not a JSON object")
+        return dict(out["meta"])
 
+    def _restore_step(self, step: int, abstract_state: Any, data_iter: Any,
+                      check: Callable[[dict[str, Any]], None] | None) -> tuple[Any, dict]:
+        """One step: meta (checked), state and iterator, then the checksums compared."""
+        meta = self._read_meta(step)
+        if check is not None:
+            check(meta)
+        path = self.directory / str(step)
+        items: dict[str, ocp.args.CheckpointArgs] = {
+            "state": ocp.args.StandardRestore(abstract_state)}
+        if (path / "checksums").exists():
+            items["checksums"] = ocp.args.JsonRestore()
+        position = None
+        if data_iter is not None:
+            mine = path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            saved = sorted((path / "data").glob("process_*-of-*.json"))
+            if mine.exists():
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            elif saved:
+                # Written by another number of processes: every process walks the same
+                # global order of window batches, so process 0's position is everyone's.
+                position = saved[0]
+            else:
+                raise FileNotFoundError(f"no data iterator position in {path / 'data'}")
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        if "checksums" in items:
+            bad = checksums_lib.mismatches(out["state"], dict(out["checksums"]))
+            if bad:
+                raise ChecksumMismatch(f"checksum mismatch in {len(bad)} array(s): "
+                                        f"{'; '.join(bad[:3])} (the files changed after saving)")
+        else:
+            log.info("checkpoint step %d holds no checksums (an older save): not verified", step)
+        if position is not None:
+            data_iter.set_state(json.loads(position.read_text()))
+            log.warning("checkpoint written by %s processes, resumed by %d: data position "
+                        "taken from %s", position.stem.rpartition("-of-")[2],
+                        jax.process_count(), position.name)
+        return out["state"], meta
+
+    def _note_unreadable(self, step: int, e: BaseException, older: int | None) -> str:
+        """Record step as unreadable, warn once, and return its one-line reason."""
+        reason = describe_failure(e)
+        if step not in self._unreadable:
+            then = f"step {older} is tried" if older is not None else "there is no older step"
+            log.warning("checkpoint step %d (%s) cannot be restored: %s; it is kept, and %s",
+                        step, self.directory / str(step), reason, then)
+        self._unreadable[step] = reason
+        return f"  step {step} ({self.directory / str(step)}): {reason}"
+
+    def _newest_readable(self, attempt: Callable[[int], Any]) -> Any:
+        """attempt(step) for each step, newest first, until one succeeds."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        tried = []
+        for i in range(len(steps) - 1, -1, -1):
+            try:
+                out = attempt(steps[i])
+                _everywhere(True)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every reason is reported below
+                if not isinstance(e, _FailedElsewhere):
+                    _everywhere(False)
+                tried.append(self._note_unreadable(steps[i], e, steps[i - 1] if i else None))
+                continue
+            if tried:
+                log.warning("restored checkpoint step %d instead of %d", steps[i], steps[-1])
+            return out
+        raise UnreadableCheckpointError(
+            f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(tried)
+            + "\nThey are kept as they are; move the directory aside (or use a fresh --workdir)"
+            " to start a new run.")
+
+    def restore(
+        self, step: int | None, abstract_state: Any, data_iter: Any, *,
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Return `(state, meta)` of `step`; `data_iter` is restored in place.
+
+        step None: the newest step that restores and whose checksums match,
+        with a warning for each newer one that does not (they stay on disk).
         `abstract_state` fixes the tree, shapes, dtypes and shardings of the
         result: typically `jax.eval_shape(init)` with each leaf given its
         sharding (`jax.ShapeDtypeStruct(shape, dtype, sharding=...)`); concrete
         arrays work too. Pass `data_iter=None` to restore only the state.
+        `check(meta)` runs before the arrays are read; an
+        `IncompatibleCheckpointError` from it is raised as is.
         """
         _check_iterator(data_iter)
+        if step is None:
+            return self._newest_readable(
+                lambda s: self._restore_step(s, abstract_state, data_iter, check))
         step = self._resolve(step)
-        items: dict[str, ocp.args.CheckpointArgs] = {
-            "state": ocp.args.StandardRestore(abstract_state),
-            "meta": ocp.args.JsonRestore(),
-        }
-        if data_iter is not None:
-            if not (self.directory / str(step) / "data").exists():
-                raise FileNotFoundError(
-                    f"checkpoint step {step} in {self.directory} holds no data iterator"
-                    " (it was saved with data_iter=None); pass data_iter=None"
-                )
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], dict(out["meta"])
+        if data_iter is not None and not (self.directory / str(step) / "data").exists():
+            raise FileNotFoundError(
+                f"checkpoint step {step} in {self.directory} holds no data iterator"
+                " (it was saved with data_iter=None); pass data_iter=None"
+            )
+        try:
+            return self._restore_step(step, abstract_state, data_iter, check)
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one line naming the step and the reason
+            raise UnreadableCheckpointError(
+                f"checkpoint step {step} ({self.directory / str(step)}) cannot be restored: "
+                f"{describe_failure(e)}") from e
 
     def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
-        """Metadata of `step` (None: latest) without touching the arrays; None if no checkpoint."""
-        if step is None and self.latest_step() is None:
-            return None
+        """Metadata of `step` (None: the newest readable, see `restore`) without touching
+        the arrays; None if there is no checkpoint."""
+        if step is None:
+            return None if self.latest_step() is None else self._newest_readable(self._read_meta)
         step = self._resolve(step)
-        out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out["meta"])
+        try:
+            return self._read_meta(step)
+        except Exception as e:  # noqa: BLE001 - one line naming the step and the reason
+            raise UnreadableCheckpointError(
+                f"checkpoint step {step} ({self.directory / str(step)}) has unreadable "
+                f"metadata: {describe_failure(e)}") from e
 
     def wait(self) -> None:
-        """Block until background saves are on disk (raises their errors)."""
+        """Block until background saves are on disk (CheckpointSaveError if one failed)."""
+        self._finish_pending()
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Finish pending saves (CheckpointSaveError if one failed) and release the manager."""
+        try:
+            self._finish_pending()
+        finally:
+            self._mngr.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class StopFlag:
-    """Callable that turns True once a stop signal arrives, so the loop saves and exits 0.
-
-    A second signal exits at once, without saving: the signal's default action (SIGINT /
-    SIGTERM kill the process), so a run stuck somewhere, or a user who will not wait for the
-    save, can still stop it. Checkpoints already on disk are untouched (an unfinished save is
-    a tmp directory that the next run removes).
-    """
-
-    def __init__(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
-                 ) -> None:
-        self._event = threading.Event()
-        self._previous: dict[signal.Signals, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("install_sigterm_handler must be called from the main thread")
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        del frame
-        name = signal.Signals(signum).name
-        if self._event.is_set():
-            log.warning("second %s: exiting now, without saving", name)
-            self.uninstall()
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        log.warning("received %s; will checkpoint after this step and stop (send it again to "
-                    "exit at once, without saving)", name)
-        self._event.set()
-
-    def __call__(self) -> bool:
-        return self._event.is_set()
-
-    def uninstall(self) -> None:
-        """Put back the handlers that were there before."""
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-        self._previous.clear()
-
-
-class _Never:
-    def __call__(self) -> bool:
-        return False
-
-    def uninstall(self) -> None:
-        pass
-
-
-def install_sigterm_handler() -> Callable[[], bool]:
-    """Record SIGTERM (preemption, `scancel`, `kill`) and SIGINT (Ctrl-C) in a flag the train
-    loop polls, so both save at the next step boundary and exit 0.
-
-    Single process only: under `jax.distributed` a Python handler would replace
-    JAX's own preemption notifier and let hosts stop at different steps (a
-    deadlock in the collective save), so there this installs nothing and
-    returns a flag that stays False; use `Checkpointer.reached_preemption`.
-    The result has `.uninstall()`.
-    """
-    if jax.process_count() > 1:
-        log.info("multi-process run: SIGTERM is left to JAX's preemption sync point")
-        return _Never()
-    return StopFlag()

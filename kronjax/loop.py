@@ -119,6 +119,7 @@ def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
                 log.info("%s", console.eval_line(step, steps, val_loss, val_bpb))
                 throughput.reset()  # evaluation time is not training throughput
             writer.write(step, record)
+            checkpointer.check()  # a failed background save stops the run now, in one line
             if stop() or checkpointer.reached_preemption(step):
                 checkpointer.save(step, state, run.data_iter, run.meta, force=True)
                 preempted = True

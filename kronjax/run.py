@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from kronjax import mesh as mesh_lib
 from kronjax import metrics as metrics_lib
 from kronjax import optim
 from kronjax.model import GPT, GPTConfig
+from kronjax.data import fingerprint
 from kronjax.data.tokenizers import load_tokenizer
 from kronjax.step import CrossEntropy, State, eval_step, init_state, train_step
 from kronjax.vocab import ByteVocab
@@ -124,30 +124,49 @@ def distributed_from_config(cfg: ml_collections.ConfigDict) -> bool:
 
 # -- data --------------------------------------------------------------------------------------
 def data_dir_for(cfg: ml_collections.ConfigDict) -> Path:
-    """Where prepared data lives: cfg.data.dir, or a cache path keyed by what defines it."""
+    """Where prepared data lives: cfg.data.dir, or a cache path named after the source and
+    tokenizer plus a short hash of everything that defines the data (resolved source path,
+    tokenizer, vocabulary size, max_tokens), so two files of one name, or another max_tokens,
+    never share a directory. A cache directory named the old way (no hash) is still used when
+    its meta.json records the same request."""
     if cfg.data.dir:
         return Path(cfg.data.dir).expanduser()
     name = Path(cfg.data.source).name or cfg.data.source
     tok = cfg.data.tokenizer.replace(":", "_").replace("/", "_")
     size = f"-{cfg.data.sp_vocab_size}" if cfg.data.tokenizer == "sentencepiece" else ""
     root = Path(os.environ.get("KRONJAX_DATA", Path.home() / ".cache" / "kronjax" / "data"))
-    return root / f"{name.replace(':', '_').replace('/', '_')}-{tok}{size}"
+    legacy = root / f"{name.replace(':', '_').replace('/', '_')}-{tok}{size}"
+    request = fingerprint.defining_request(
+        str(cfg.data.source), str(cfg.data.tokenizer), sp_vocab_size=int(cfg.data.sp_vocab_size),
+        max_tokens=_max_tokens(cfg), strict=False)
+    keyed = legacy.with_name(f"{legacy.name}-{fingerprint.cache_key(request)}")
+    return legacy if not keyed.exists() and fingerprint.holds_request(legacy, request) else keyed
+
+
+def _max_tokens(cfg: ml_collections.ConfigDict) -> int | None:
+    return int(float(cfg.data.get("max_tokens", 0) or 0)) or None
 
 
 def is_prepared(ddir: Path) -> bool:
     return (ddir / data_lib.META).exists()
 
 
+SMALL_SOURCE_BYTES = 64 << 20  # local sources below this are tokenized without worker processes
+
+
 def ensure_data(cfg: ml_collections.ConfigDict, *, progress: bool) -> Path:
-    """Prepare the corpus on first use (idempotent; refuses to clobber other data)."""
+    """Prepare the corpus on first use. Idempotent, and checked on every call: prepared data
+    made from another request or from other content of the source are refused (DataError,
+    naming what differs), never reused or overwritten."""
     ddir = data_dir_for(cfg)
+    source = str(cfg.data.source)
     if not is_prepared(ddir):
-        log.info("no prepared data in %s: preparing %s", ddir, cfg.data.source)
-        builtin = cfg.data.source in data_lib.BUILTIN_SOURCES  # small: no worker processes
-        max_tokens = int(float(cfg.data.get("max_tokens", 0) or 0)) or None
-        data_lib.prepare(cfg.data.source, cfg.data.tokenizer, ddir,
-                         sp_vocab_size=cfg.data.sp_vocab_size, max_tokens=max_tokens,
-                         workers=0 if builtin else (os.cpu_count() or 1), progress=progress)
+        log.info("no prepared data in %s: preparing %s", ddir, source)
+    size = fingerprint.local_source_bytes(source)
+    small = source in data_lib.BUILTIN_SOURCES or (size is not None and size < SMALL_SOURCE_BYTES)
+    data_lib.prepare(source, cfg.data.tokenizer, ddir, sp_vocab_size=cfg.data.sp_vocab_size,
+                     max_tokens=_max_tokens(cfg), workers=0 if small else (os.cpu_count() or 1),
+                     progress=progress)
     return ddir
 
 
@@ -330,27 +349,6 @@ def make_plan(cfg: ml_collections.ConfigDict, model: GPT, tx: optax.GradientTran
                 0 if vocab_parallel else ce_chunk_tokens(cfg))
 
 
-# -- restore -----------------------------------------------------------------------------------
-def restore(checkpointer: ckpt.Checkpointer, abstract: State, data_iter: Any) -> State:
-    """Restore onto abstract's shardings (any mesh). A checkpoint written by another number
-    of processes has no iterator file for this one: every process walks the same global
-    order of window batches, so process 0's position is everyone's."""
-    step = checkpointer.latest_step()
-    data_dir = Path(str(checkpointer.directory)) / str(step) / "data"
-    mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if mine.exists() or not data_dir.exists():
-        return checkpointer.restore(None, abstract, data_iter)[0]
-    saved = sorted(data_dir.glob("process_*-of-*.json"))
-    if not saved:
-        raise FileNotFoundError(f"checkpoint step {step} in {checkpointer.directory} holds no "
-                                "data iterator position")
-    state, _ = checkpointer.restore(None, abstract, None)
-    data_iter.set_state(json.loads(saved[0].read_text()))
-    log.warning("checkpoint written by %s processes, resumed by %d: data position taken from %s",
-                saved[0].stem.rpartition("-of-")[2], jax.process_count(), saved[0].name)
-    return state
-
-
 # -- assembly ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Run:
@@ -414,10 +412,12 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     checkpointer = ckpt.Checkpointer(workdir / CHECKPOINTS,
                                      save_every=int(cfg.train.checkpoint_every),
                                      max_to_keep=int(cfg.train.keep_checkpoints))
-    saved = checkpointer.read_meta()
-    if saved is not None:
-        ckpt.check_compatible(saved, meta, keys=RESUME_KEYS)
-        state = restore(checkpointer, plan.abstract, data_iter)
+    if checkpointer.latest_step() is not None:
+        # The newest step that restores (each unreadable newer one named in a warning and
+        # kept); any mesh; one written by another number of processes too.
+        state, saved = checkpointer.restore(
+            None, plan.abstract, data_iter,
+            check=lambda m: ckpt.check_compatible(m, meta, keys=RESUME_KEYS))
         log.info("resumed from step %d in %s", int(state["step"]), workdir)
         for key, (old, new) in config_lib.changed_settings(saved.get("config", {}),
                                                            cfg.to_dict()).items():

@@ -235,3 +235,195 @@ def test_no_preemption_in_single_process(tmp_path: Path) -> None:
     with Checkpointer(tmp_path, save_every=10) as ckpt:
         assert not ckpt.reached_preemption(3)
         assert not ckpt.should_save(3) and ckpt.should_save(10)
+
+
+# -- unreadable checkpoints: the newest one that restores, the bad ones kept -------------------
+def big_state(seed: int) -> dict[str, Any]:
+    """Large enough that orbax writes the arrays to a data file of their own."""
+    return {"w": jax.random.normal(jax.random.key(seed), (256, 256)),
+            "b": jnp.arange(8.0) + seed, "step": jnp.asarray(seed, jnp.int32)}
+
+
+def _largest_data_file(step_dir: Path) -> Path:
+    return max((p for p in step_dir.glob("state/**/d/*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir: Path) -> None:
+    f = _largest_data_file(step_dir)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _drop_state_item(step_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(step_dir / "state")
+
+
+def _empty_meta(step_dir: Path) -> None:
+    (step_dir / "meta" / "metadata").write_bytes(b"")
+
+
+def _flip_one_bit(step_dir: Path) -> None:
+    f = _largest_data_file(step_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {"truncated array file": _truncate, "missing state item": _drop_state_item,
+               "empty meta file": _empty_meta, "one flipped bit": _flip_one_bit}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _two_steps(ck: Path) -> Any:
+    """Steps 1 and 2 of big_state; returns the iterator position saved with step 1."""
+    it = make_iter()
+    with Checkpointer(ck, save_every=1) as c:
+        next(it)
+        c.save(1, big_state(1), it, {"step": 1})
+        c.wait()
+        position = it.get_state()
+        next(it)
+        c.save(2, big_state(2), it, {"step": 2})
+    return position
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_unreadable_newest_step_restores_the_previous_and_keeps_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, corruption: str) -> None:
+    """Each damage to step 2 gave a 36-151-line orbax traceback naming neither step nor path
+    (or, for a flipped bit, silently restored a changed array); now step 1 is restored with a
+    warning that names step 2 and its directory, and step 2's files stay as they are."""
+    ck = tmp_path / "ckpt"
+    position = _two_steps(ck)
+    CORRUPTIONS[corruption](ck / "2")
+    damaged = _files(ck / "2")
+    with Checkpointer(ck, save_every=1) as c:
+        it = make_iter()
+        with caplog.at_level("WARNING", logger="kronjax.checkpoint"):
+            state, meta = c.restore(None, abstract_of(big_state(0)), it)
+        assert meta == {"step": 1}
+        assert_trees_equal(state, big_state(1))
+        assert it.get_state() == position
+        assert f"checkpoint step 2 ({ck / '2'}) cannot be restored" in caplog.text
+        assert "restored checkpoint step 1 instead of 2" in caplog.text
+        assert _files(ck / "2") == damaged  # nothing deleted or rewritten
+        # Training goes on from step 1: the next save moves the bad step out of orbax's
+        # directory (so max_to_keep neither counts nor deletes it) and writes a good step 2.
+        assert c.save(2, big_state(2), it, {"step": 2})
+        c.wait()
+        assert c.all_steps() == [1, 2]
+    assert _files(tmp_path / "ckpt.unreadable" / "2") == damaged
+    with Checkpointer(ck, save_every=1) as c:
+        state, meta = c.restore(None, abstract_of(big_state(0)), make_iter())
+    assert meta == {"step": 2}
+    assert_trees_equal(state, big_state(2))
+
+
+def test_no_restorable_step_is_one_error_naming_each(tmp_path: Path) -> None:
+    from kronjax.checkpoint import UnreadableCheckpointError
+    from kronjax.errors import UserError
+
+    ck = tmp_path / "ckpt"
+    _two_steps(ck)
+    _flip_one_bit(ck / "2")
+    _empty_meta(ck / "1")
+    with Checkpointer(ck, save_every=1) as c:
+        with pytest.raises(UnreadableCheckpointError) as info:
+            c.restore(None, abstract_of(big_state(0)), make_iter())
+        assert isinstance(info.value, UserError)
+        lines = str(info.value).splitlines()
+        assert lines[0] == f"no checkpoint in {ck} can be restored:"
+        assert lines[1].startswith(f"  step 2 ({ck / '2'}): ChecksumMismatch: checksum mismatch")
+        assert lines[2].startswith(f"  step 1 ({ck / '1'}): JSONDecodeError")
+        with pytest.raises(UnreadableCheckpointError, match=rf"step 2 \({ck / '2'}\) cannot be "
+                                                            "restored: ChecksumMismatch"):
+            c.restore(2, abstract_of(big_state(0)), None)
+        assert c.read_meta() == {"step": 2}  # the metadata alone is readable
+        with pytest.raises(UnreadableCheckpointError, match=rf"step 1 \({ck / '1'}\) has "
+                                                            "unreadable metadata: JSONDecodeE"):
+            c.read_meta(1)
+    assert sorted(p.name for p in ck.iterdir()) == ["1", "2"]
+
+
+def test_checkpoint_without_checksums_still_restores(tmp_path: Path) -> None:
+    """Steps saved before checksums existed restore as they did (not verified)."""
+    import shutil
+
+    ck = tmp_path / "ckpt"
+    _two_steps(ck)
+    shutil.rmtree(ck / "2" / "checksums")
+    with Checkpointer(ck, save_every=1) as c:
+        state, meta = c.restore(None, abstract_of(big_state(0)), None)
+    assert meta == {"step": 2}
+    assert_trees_equal(state, big_state(2))
+
+
+# -- a failed save: one line, noticed at once, earlier steps untouched ----------------------
+def test_describe_failure_names_the_os_error() -> None:
+    import errno
+
+    from kronjax.checkpoint import describe_failure
+
+    assert describe_failure(OSError(errno.ENOSPC, "No space left on device")) == \
+        "no space left on device (ENOSPC)"
+    tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database: '
+                             "Failed to write 903859 bytes to file 5: No space left on device "
+                             "[os_error_code='28']\nmore lines")
+    try:
+        raise RuntimeError("Save Finalize thread failed") from tensorstore
+    except RuntimeError as e:
+        assert describe_failure(e) == "no space left on device (ENOSPC)"
+    assert describe_failure(ValueError("x\ny")) == "ValueError: x"
+
+
+DISK_FULL = textwrap.dedent(
+    """
+    import resource, signal, sys, time
+    import grain, jax, jax.numpy as jnp
+    from kronjax.checkpoint import Checkpointer, CheckpointSaveError
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    ckpt = Checkpointer(sys.argv[1], save_every=1)
+    it = iter(grain.MapDataset.range(100).to_iter_dataset())
+    ckpt.save(1, {"w": jnp.ones((4,))}, it, {"step": 1})
+    ckpt.wait()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+    ckpt.save(2, {"w": jax.random.normal(jax.random.key(0), (512, 512))}, it, {"step": 2})
+    deadline = time.time() + 60
+    while True:  # what the train loop does after every step; no further save
+        try:
+            ckpt.check()
+        except CheckpointSaveError as e:
+            print("REPORTED:", e)
+            break
+        assert time.time() < deadline, "the failed save was never reported"
+        time.sleep(0.01)
+    ckpt.close()
+    print("closed")
+    """
+)
+
+
+def test_failed_background_save_is_reported_at_once_in_one_line(tmp_path: Path) -> None:
+    """Disk full, simulated by a file-size limit: the background save of step 2 fails. It was
+    reported only at the next save, as the same error printed four times over 453 lines; now
+    `check()` (called after every step) raises it in one line and step 1 is untouched."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reported = [line for line in proc.stdout.splitlines() if line.startswith("REPORTED:")]
+    assert reported == [f"REPORTED: checkpoint save of step 2 to {tmp_path / '2'} failed: file "
+                        "too large (EFBIG); the earlier checkpoints are untouched (latest: step "
+                        "1; a rerun resumes from it once the cause is fixed)"]
+    assert proc.stdout.splitlines()[-1] == "closed"
+    assert "Traceback" not in proc.stderr and "ERROR:absl" not in proc.stderr, proc.stderr
+    with Checkpointer(tmp_path, save_every=1) as c:
+        assert c.all_steps() == [1]
+        state, meta = c.restore(None, {"w": jnp.zeros((4,))}, None)
+    assert meta == {"step": 1} and float(state["w"][0]) == 1.0

