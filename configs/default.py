@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.source = "shakespeare"      # shakespeare | pydoc | a path | hf:NAME
     cfg.data.tokenizer = "sentencepiece"  # sentencepiece (trained) | sentencepiece:PATH | tiktoken:NAME
     cfg.data.sp_vocab_size = 4096
-    cfg.data.dir = ""                     # "" = ~/.cache/kronjax/data/<source>-<tokenizer>-<size>
+    cfg.data.dir = ""                     # "" = ~/.cache/kronjax/data/<source>-<tokenizer>-<size>-<hash>
     cfg.data.eval_batches = 8
     cfg.data.max_tokens = 0               # prepare at most this many train tokens; 0 = all
 

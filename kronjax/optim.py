@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import optax
 
+from kronjax.errors import UserError
+
 __all__ = ["lr_schedule", "decay_mask", "make_optimizer", "from_config"]
 
 
@@ -133,4 +135,7 @@ def from_config(cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]
     eps = o.get("eps", None) if hasattr(o, "get") else getattr(o, "eps", None)
     if eps is not None:
         kwargs["eps"] = float(eps)
-    return make_optimizer(**kwargs)
+    try:
+        return make_optimizer(**kwargs)
+    except ValueError as e:  # a schedule the settings cannot make: say which, in one line
+        raise UserError(f"optim / train.steps: {e}") from e

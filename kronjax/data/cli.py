@@ -17,6 +17,7 @@ import os
 from kronjax.data.corpora import SOURCES_HELP
 from kronjax.data.prepare import prepare
 from kronjax.data.store import SHARD_TOKENS, load_meta
+from kronjax.errors import UserError
 
 
 def _count(text: str) -> int:
@@ -57,6 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     i = sub.add_parser("info", help="print a prepared directory's meta.json")
     i.add_argument("dir")
     args = parser.parse_args(argv)
+    try:
+        meta = _run(args, parser)
+    except (UserError, FileExistsError, FileNotFoundError, ValueError) as e:  # cannot be done as asked
+        raise SystemExit(f"python -m kronjax.data {args.command}: {e}") from None
+    print(json.dumps(meta, indent=2))
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     if args.command == "prepare":
         if args.subset and not args.source.startswith("hf:"):
             parser.error(f"--subset applies to hf: sources only; got --source {args.source}")
@@ -66,7 +75,6 @@ def main(argv: list[str] | None = None) -> None:
                        max_documents=args.max_documents, max_tokens=args.max_tokens,
                        shard_tokens=args.shard_tokens, workers=max(args.workers, 0),
                        overwrite=args.overwrite, progress=not args.no_progress)
-    else:
-        meta = load_meta(args.dir)
-    print(json.dumps(meta, indent=2))
+        return meta
+    return load_meta(args.dir)
 
