@@ -102,3 +102,23 @@ def test_the_tiny_step_compiles_for_a_slice(name: str, mesh: dict[str, int], dev
     assert 0 < total <= rep["hbm_per_device"] and rep["fits"]
     assert rep["cost"]["flops"] > 0 and rep["cost"]["bytes accessed"] > 0
     assert any(line.startswith("fits: ") for line in lines), lines
+
+
+@needs_libtpu
+@pytest.mark.slow  # one 124M compile: 1.5-2.5 minutes on 2 cores
+def test_the_124m_kron_step_fits_a_v4_8() -> None:
+    """The issue's own command: configs/gpt2_124m_kron.py fully sharded on a v4-8 (a
+    synthetic GPT-2-size vocabulary offline), with the splash attention and the codec's
+    one-hot matmuls; it fits the 32 GiB chip with room to spare."""
+    from kronjax import config as config_lib
+    from kronjax import dryrun
+
+    cfg = config_lib.build_config(config_lib.REPO_CONFIGS / "gpt2_124m_kron.py",
+                                  [("mesh.data", "1"), ("mesh.fsdp", "-1")])
+    lines: list[str] = []
+    rep = dryrun.dry_run(cfg, topology="v4-8", out=lines.append)
+    assert rep["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and rep["attention"] == "splash"
+    assert rep["micro_batch"] == [8, 64, 1024] and rep["params"]["input_side"] == 4096 * 768
+    total = rep["memory_per_device"]["total"]
+    assert rep["fits"] and 4 * 2**30 < total < 0.5 * rep["hbm_per_device"], total / 2**30
+    assert any(line.startswith("fits: ") and "of 32.000 GiB" in line for line in lines)
