@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -134,6 +135,10 @@ def quiet_orbax() -> None:
     _QUIET.append(True)
     for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(_OrbaxTracebacks())
+    # orbax's writes still pending when a failed save ends the process are coroutines that
+    # are never awaited; Python warns about each at exit, after kronjax's one-line error
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                            category=RuntimeWarning)
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:

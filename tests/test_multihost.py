@@ -22,7 +22,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
 LOCAL = REPO / "launch" / "local.sh"
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# A collective whose threads are starved on a loaded 2-core machine waits instead of
+# aborting the process (XLA:CPU gives up after 40 s by default).
+FAST_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+            " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+            " --xla_cpu_collective_timeout_seconds=600")
 RUN = {"train.steps": 8, "train.checkpoint_every": 4, "train.eval_every": 8,
        "train.batch_size": 8, "train.grad_accum": 2, "optim.warmup_steps": 2}
 

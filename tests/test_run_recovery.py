@@ -97,10 +97,13 @@ def test_disk_full_stops_the_trainer_in_one_line(tiny_data: Path, tmp_path: Path
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     ck = tmp_path / "checkpoints"
-    assert proc.stderr.splitlines()[-1] == (
+    # the error is the last line (a RuntimeWarning Python itself prints at interpreter exit
+    # for a coroutine orbax left pending was seen once after it, in a full-suite run)
+    lines = [x for x in proc.stderr.splitlines() if not x.startswith("RuntimeWarning: ")]
+    assert lines[-1] == (
         f"python -m kronjax.train: error: checkpoint save of step 4 to {ck / '4'} failed: file "
         "too large (EFBIG); the earlier checkpoints are untouched (latest: step 2; a rerun "
-        "resumes from it once the cause is fixed)")
+        "resumes from it once the cause is fixed)"), proc.stderr[-3000:]
     assert sum("checkpoint save" in line for line in proc.stderr.splitlines()) == 1
     assert "Traceback" not in proc.stderr and "ERROR:absl" not in proc.stderr, proc.stderr
     assert loss_records(tmp_path)[-1][0] == 5  # noticed after step 5, not at step 6's save

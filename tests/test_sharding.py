@@ -30,7 +30,11 @@ EXTRA_ARMS = {(2, 2, 2): ("bpe_tied", "kron_tied")}
 
 
 # Cheaper XLA CPU compiles (about 2x): these tests compare numbers, not speed.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# and a collective whose threads are starved on a loaded 2-core machine waits instead of
+# aborting the process (XLA:CPU gives up after 40 s by default)
+FAST_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+            " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+            " --xla_cpu_collective_timeout_seconds=600")
 
 
 def _env(n_devices: int) -> dict[str, str]:
