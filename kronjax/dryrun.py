@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from kronjax import mesh as mesh_lib
-from kronjax.attention import kernel_for
 from kronjax import optim
 from kronjax import run as run_lib
 from kronjax import topology as topology_lib
+from kronjax.attention import kernel_for
 from kronjax.model import param_counts
 from kronjax.step import table_once_per_step
 from kronjax.data.tokenizers import load_tokenizer
