@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from kronjax import checksums as checksums_lib
+from kronjax import storage
 from kronjax.checkpoint_errors import (COMPAT_KEYS, CheckpointSaveError, ChecksumMismatch,
                                        IncompatibleCheckpointError, UnreadableCheckpointError,
                                        as_json, check_compatible, describe_failure, quiet_orbax)
@@ -87,9 +88,12 @@ def _everywhere(ok: bool) -> None:
 
 
 def _absolute(directory: str | os.PathLike[str]) -> epath.Path:
-    """Orbax's tensorstore backend rejects relative paths; remote URLs pass through."""
+    """Orbax's tensorstore backend rejects relative paths; gs:// URLs pass through (checked,
+    and pointed at an emulator if one is set)."""
     text = os.fspath(directory)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    if storage.is_url(text):
+        return storage.as_path(text)
+    return epath.Path(os.path.abspath(text))
 
 
 class Checkpointer:
@@ -261,7 +265,7 @@ class Checkpointer:
                 while dest.exists():
                     n += 1
                     dest = aside / f"{s}-{n}"
-                (self.directory / str(s)).rename(dest)
+                storage.move(self.directory / str(s), dest)
                 log.warning("unreadable checkpoint step %d moved to %s (kept for inspection; "
                             "delete it once you no longer need it)", s, dest)
         if jax.process_count() > 1:

@@ -32,10 +32,11 @@ import numpy as np
 
 from kronjax import loop as train_lib
 from kronjax import config as config_lib
-from kronjax import run as run_lib
 from kronjax import stats
-from kronjax.metrics import METRICS_FILE
+from kronjax import storage
+from kronjax.metrics import read_metrics
 from kronjax.model import ARMS
+from kronjax.workdir import Workdir
 
 log = logging.getLogger("kronjax.compare")
 # May differ between invocations without changing what a run computes: the progress bar, the
@@ -86,29 +87,10 @@ def run_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_colle
     return cfg
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records sorted by step, the last record kept where a resume repeated one.
-
-    A line cut short by a crash is skipped (train starts a fresh line after it).
-    """
-    path = Path(path)
-    by_step: dict[int, dict[str, Any]] = {}
-    if not path.is_file():
-        return []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def is_finished(workdir: str | Path, steps: int) -> bool:
+def is_finished(workdir: str | Path | Workdir, steps: int) -> bool:
     """Finished = metrics.jsonl has the final step with its val_loss."""
     return any(r["step"] == steps and r.get("val_loss") is not None
-               for r in read_metrics(Path(workdir) / METRICS_FILE))
+               for r in read_metrics(Workdir.at(workdir).metrics))
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -130,16 +112,17 @@ def config_diff(cfg: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> lis
     return [k for k in keys if new.get(k, "<absent>") != old.get(k, "<absent>")]
 
 
-def check_run_dir(workdir: Path, cfg: ml_collections.ConfigDict) -> None:
+def check_run_dir(workdir: Any, cfg: ml_collections.ConfigDict) -> None:
     """Refuse a run directory whose saved config differs from the one we would train."""
-    saved = workdir / run_lib.CONFIG
+    wd = Workdir.at(workdir)
+    saved = wd.config
     if saved.is_file():
         diff = config_diff(cfg, json.loads(saved.read_text()))
         if diff:
             raise RunMismatchError(
                 f"{workdir} was trained with a different config ({', '.join(diff)} differ); "
                 "use another --out, or move that run away")
-    elif (workdir / METRICS_FILE).exists():
+    elif wd.metrics.exists():
         raise RunMismatchError(f"{workdir} has metrics.jsonl but no config.json: not a run "
                                "this tool can resume; use another --out")
 
@@ -150,7 +133,7 @@ def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence
 
     Stops early, returning "preempted" for that run, when train was told to stop (SIGTERM).
     """
-    out = Path(out)
+    out = storage.as_path(out)
     steps = int(cfg.train.steps)
     # Seed-major: an interrupted comparison still holds every arm for its finished seeds.
     jobs = [(a, s, run_config(cfg, a, s), out / run_name(a, s)) for s in seeds for a in arms]
@@ -163,7 +146,7 @@ def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence
             status[name] = "skipped (finished)"
             log.info("%s: finished, skipped", name)
             continue
-        resumed = (wd / run_lib.CHECKPOINTS).exists()
+        resumed = Workdir.at(wd).checkpoints.exists()
         log.info("%s: %s", name, "resuming" if resumed else "training")
         result = train_lib.train(rcfg, wd)
         if result.preempted:
@@ -305,8 +288,10 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
 
 
 # -- plots ----------------------------------------------------------------------------------------
-def _two_panels(path: Path, titles: tuple[str, str], ylabel: str, draw: Any) -> None:
+def _two_panels(path: Any, titles: tuple[str, str], ylabel: str, draw: Any) -> None:
     """A 1x2 figure saved as PNG; matplotlib's Figure API (no pyplot: no GUI, no global state)."""
+    import io
+
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))
@@ -317,10 +302,12 @@ def _two_panels(path: Path, titles: tuple[str, str], ylabel: str, draw: Any) -> 
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    storage.write_bytes(path, png.getvalue())
 
 
-def plot_curves(runs: Runs, path: Path) -> None:
+def plot_curves(runs: Runs, path: Any) -> None:
     """Train and validation loss per arm: thin lines per seed, thick the seed mean."""
     def draw(axes: Any) -> None:
         for i, (arm, seeds) in enumerate(runs.items()):
@@ -334,7 +321,7 @@ def plot_curves(runs: Runs, path: Path) -> None:
     _two_panels(path, ("train loss", "validation loss"), "nats / token", draw)
 
 
-def plot_norms(runs: Runs, path: Path) -> None:
+def plot_norms(runs: Runs, path: Any) -> None:
     """Input-side matrix norm over steps: absolute, and relative to its first logged value."""
     def draw(axes: Any) -> None:
         for i, (arm, seeds) in enumerate(runs.items()):
@@ -352,8 +339,8 @@ def report(out: str | Path, arms: Sequence[str], seeds: Sequence[int],
            cfg: ml_collections.ConfigDict, extra: Mapping[str, Any] | None = None,
            references: Sequence[str] | None = None) -> dict[str, Any]:
     """Read every run's metrics, write summary.{md,json} and the plots; returns the summary."""
-    out = Path(out)
-    runs = {a: {s: read_metrics(out / run_name(a, s) / METRICS_FILE) for s in seeds}
+    out = storage.as_path(out)
+    runs = {a: {s: read_metrics(Workdir.at(out / run_name(a, s)).metrics) for s in seeds}
             for a in arms}
     summary = summarise(runs, int(cfg.train.steps), int(cfg.train.eval_every), references)
     summary.update(dict(extra or {}))
@@ -361,8 +348,8 @@ def report(out: str | Path, arms: Sequence[str], seeds: Sequence[int],
     plot_norms(runs, out / "norm_drift.png")
     summary["plots"] = ["loss_curves.png", "norm_drift.png"]
     md = to_markdown(summary)
-    (out / "summary.md").write_text(md, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    storage.write_bytes(out / "summary.md", md.encode("utf-8"))
+    storage.write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     log.info("report (re)written from the runs' metrics: %s/summary.{md,json}, *.png", out)
     summary["markdown"] = md
     return summary
@@ -395,8 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad := [r for r in refs if r not in arms]:
             raise ValueError(f"--reference {bad} must be among --arms {arms}")
         cfg = config_lib.build_config(args.config, overrides)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = storage.as_path(args.out)
+        if isinstance(out, Path):
+            out.mkdir(parents=True, exist_ok=True)
         if args.report_only:
             for a in arms:
                 for s in seeds:
@@ -409,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "runs": status}, refs)
     except (ValueError, FileNotFoundError) as e:
         print(f"python -m kronjax.compare: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, storage.StorageError) else 1
     print(summary["markdown"])
     return 0
 

@@ -167,7 +167,7 @@ def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]
     return {k: (_lookup(a, k), _lookup(b, k)) for k in keys if _lookup(a, k) != _lookup(b, k)}
 
 
-def record_config(config_json: Path, history: Path, cfg: ml_collections.ConfigDict,
+def record_config(config_json: Any, history: Any, cfg: ml_collections.ConfigDict,
                   step: int) -> None:
     """Write cfg as config_json (what the run uses now) and append it to the history (JSONL,
     one line per start whose config differs from the previous line's), so a resume with a
@@ -190,6 +190,12 @@ def record_config(config_json: Path, history: Path, cfg: ml_collections.ConfigDi
     config_json.write_text(to_json(cfg))
 
 
-def _append(path: Path, record: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+def _append(path: Any, record: Mapping[str, Any]) -> None:
+    """One more JSON line; a bucket has no append, so there the object is rewritten whole."""
+    line = json.dumps(record, sort_keys=True) + "\n"
+    if isinstance(path, Path):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+    else:
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        path.write_text(old + line, encoding="utf-8")

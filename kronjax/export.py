@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from kronjax import export_hf, export_nanogpt
+from kronjax import export_hf, export_nanogpt, storage
 from kronjax.export_state import ExportError, check_out, run_info
 from kronjax.sample import load_run
+from kronjax.workdir import Workdir
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -33,8 +34,8 @@ def export(fmt: str, workdir: str | Path, out: str | Path, step: int | None = No
 
     Returns warnings worth showing (a tokenizer transformers cannot read, kept files).
     """
-    workdir, out = Path(workdir), Path(out)
-    if not workdir.is_dir():
+    workdir, out = Workdir.at(workdir), storage.as_path(out)
+    if not workdir.root.is_dir():
         raise ExportError(f"--workdir {workdir} does not exist; expected a kronjax.train workdir")
     if fmt not in ("hf", "nanogpt"):
         raise ExportError(f"unknown format {fmt!r}; expected 'hf' or 'nanogpt'")

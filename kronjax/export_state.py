@@ -19,9 +19,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from kronjax.compare import read_metrics
+from kronjax import storage
+from kronjax.metrics import read_metrics
 from kronjax.model import GPT, KRON_TIED_LOGIT_SCALE
 from kronjax.sample import Loaded
+from kronjax.workdir import Workdir
 
 # (module, input width in units of n_embd) of each Linear, as nanoGPT and GPT-2 name them
 LINEARS = (("attn.c_attn", 1), ("attn.c_proj", 1), ("mlp.c_fc", 1), ("mlp.c_proj", 4))
@@ -49,10 +51,10 @@ class RunInfo:
     config: dict[str, Any]
 
 
-def run_info(run: Loaded, workdir: str | Path) -> RunInfo:
+def run_info(run: Loaded, workdir: str | Path | Workdir) -> RunInfo:
     """The run's arm, step, validation losses (from metrics.jsonl) and fingerprints."""
     evals = [(r["step"], float(r["val_loss"]))
-             for r in read_metrics(Path(workdir) / "metrics.jsonl")
+             for r in read_metrics(Workdir.at(workdir).metrics)
              if r["step"] <= run.step and isinstance(r.get("val_loss"), (int, float))
              and math.isfinite(r["val_loss"])]
     last = evals[-1] if evals else (None, None)
@@ -120,7 +122,7 @@ def kron_projection(run: Loaded) -> np.ndarray:
 
 # -- writing outputs whole ------------------------------------------------------------------
 
-def check_out(out: Path, force: bool, directory: bool) -> list[str]:
+def check_out(out: Path | Any, force: bool, directory: bool) -> list[str]:
     """Refuse an output of the wrong kind, or one already taken unless force; returns the
     entries of an existing output directory."""
     if directory and out.exists() and not out.is_dir():
@@ -136,14 +138,22 @@ def check_out(out: Path, force: bool, directory: bool) -> list[str]:
     return existing
 
 
-def write_dir(out: Path, force: bool, fill: Callable[[Path], None]) -> list[str]:
+def write_dir(out: Path | Any, force: bool, fill: Callable[[Path], None]) -> list[str]:
     """Let `fill` write into a fresh directory beside `out`, then move it into place.
 
     A non-empty `out` is refused unless force; with force the new files replace their
     namesakes and other files are kept (returned, so the caller can say so). An export that
-    fails leaves `out` as it was.
+    fails leaves `out` as it was. A gs:// `out` gets the files uploaded one by one once all
+    are written, config.json last (what loaders open first).
     """
     existing = check_out(out, force, directory=True)
+    if not isinstance(out, Path):
+        with tempfile.TemporaryDirectory(prefix="kronjax-export-") as tmp:
+            fill(Path(tmp))
+            written = sorted(p.name for p in Path(tmp).iterdir())
+            for name in sorted(written, key=lambda n: n == "config.json"):
+                storage.upload(Path(tmp) / name, out / name)
+        return [name for name in existing if name not in written]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -165,10 +175,15 @@ def write_dir(out: Path, force: bool, fill: Callable[[Path], None]) -> list[str]
     return [name for name in existing if name not in written]
 
 
-def write_file(out: Path, force: bool, fill: Callable[[Path], None]) -> None:
+def write_file(out: Path | Any, force: bool, fill: Callable[[Path], None]) -> None:
     """`fill` writes a temporary file beside `out`, renamed over it (refused if out exists
-    unless force)."""
+    unless force); a gs:// `out` is uploaded once written."""
     check_out(out, force, directory=False)
+    if not isinstance(out, Path):
+        with tempfile.TemporaryDirectory(prefix="kronjax-export-") as tmp:
+            fill(Path(tmp) / out.name)
+            storage.upload(Path(tmp) / out.name, out)
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)

@@ -23,9 +23,11 @@ from kronjax import console
 from kronjax import mesh as mesh_lib
 from kronjax import metrics as metrics_lib
 from kronjax import run as run_lib
-from kronjax.lock import WorkdirLock
+from kronjax import storage
+from kronjax.lock import workdir_lock
 from kronjax.model import n_params_nonembedding, param_counts
 from kronjax.step import split_micro
+from kronjax.workdir import Workdir
 
 log = logging.getLogger("kronjax.loop")
 
@@ -43,29 +45,34 @@ class RunResult:
     preempted: bool
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path | Workdir, *,
           stop: Callable[[], bool] | None = None) -> RunResult:
     """Train (or resume) the run in workdir; returns its final numbers.
 
-    Multi-host: every process calls this with the same config and workdir (shared storage);
+    Multi-host: every process calls this with the same config and workdir (shared storage:
+    a gs:// bucket, or a shared filesystem);
     jax.distributed is initialised first, per cfg.dist. `stop` is polled after every step
     (default: a SIGTERM flag, installed before anything else so a signal during setup still
     ends in a clean save; under jax.distributed JAX's preemption sync point does this).
     A second trainer on the same workdir is refused (kronjax.lock.WorkdirBusyError).
     """
+    wd = Workdir.at(workdir)  # gs:// URLs are checked here, before anything is written
+    if storage.is_url(str(cfg.data.get("dir", "") or "")):
+        storage.as_path(str(cfg.data.dir))
     run_lib.distributed_from_config(cfg)
     # Process 0 holds the workdir's lock for the whole run (the others write nothing of theirs).
-    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    with workdir_lock(wd) if jax.process_index() == 0 else contextlib.nullcontext() as lock:
+        held = lock.check if lock is not None else (lambda: None)
         if stop is not None:
-            return _train(run_lib.assemble(cfg, Path(workdir)), stop)
+            return _train(run_lib.assemble(cfg, wd), stop, held)
         flag = ckpt.install_sigterm_handler()
         try:
-            return _train(run_lib.assemble(cfg, Path(workdir)), flag)
+            return _train(run_lib.assemble(cfg, wd), flag, held)
         finally:
             getattr(flag, "uninstall", lambda: None)()
 
 
-def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
+def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None]) -> RunResult:
     cfg, plan, state, checkpointer = run.cfg, run.plan, run.state, run.checkpointer
     mcfg = run.model.config
     steps, n_micro = int(cfg.train.steps), int(cfg.train.grad_accum)
@@ -96,6 +103,7 @@ def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
                                           plan.micro_sh, plan.micro_shape)
             state, m = step_fn(state, batch, rng)
             step += 1
+            held()  # another trainer took a bucket lock over: stop before writing anything
             m = jax.device_get(m)
             last_loss = float(m["loss"])
             if not math.isfinite(last_loss):
@@ -119,6 +127,8 @@ def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
                 log.info("%s", console.eval_line(step, steps, val_loss, val_bpb))
                 throughput.reset()  # evaluation time is not training throughput
             writer.write(step, record)
+            if "val_loss" in record:
+                writer.sync()  # a bucket's metrics.jsonl is rewritten whole: at evaluations
             checkpointer.check()  # a failed background save stops the run now, in one line
             if stop() or checkpointer.reached_preemption(step):
                 checkpointer.save(step, state, run.data_iter, run.meta, force=True)
@@ -128,6 +138,7 @@ def _train(run: run_lib.Run, stop: Callable[[], bool]) -> RunResult:
                 break
             if checkpointer.save(step, state, run.data_iter, run.meta, force=step == steps):
                 log.info("checkpoint: saving step %d to %s", step, checkpointer.directory)
+                writer.sync()  # ... and at saves
     finally:
         checkpointer.close()
         writer.close()

@@ -2,16 +2,28 @@
 
 `metrics.jsonl` is flushed line by line and only ever appended to, so a crash
 loses at most the line being written and a resumed run continues the same
-file; readers should keep the last record per step (steps after the resumed
-checkpoint appear twice). Only the main process writes anything.
+file; readers keep the last record per step (`read_metrics`: steps after the
+resumed checkpoint appear twice). Only the main process writes anything.
+
+A bucket has no append: in a gs:// workdir the writer keeps the file's lines and
+rewrites the object whole at every `sync` (the loop syncs at each evaluation,
+each checkpoint save and at exit; the writer also every `sync_every_s`), with
+the TensorBoard events written to a local staging folder and uploaded then. A
+resumed run drops the bucket's records after the restored step (they are
+trained again), so the object holds each step once. A SIGKILL loses what came
+after the last sync: at most the steps since the last save, which the resume
+trains again anyway.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import numbers
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from kronjax import storage
+from kronjax.workdir import METRICS, TENSORBOARD, Workdir
+
 __all__ = [
     "PEAK_FLOPS",
     "MetricsWriter",
@@ -29,10 +44,13 @@ __all__ = [
     "device_peak_flops",
     "flops_per_token",
     "mfu",
+    "read_metrics",
 ]
 
-METRICS_FILE = "metrics.jsonl"  # in the workdir (kronjax.run's layout)
-TB_DIR = "tb"
+log = logging.getLogger(__name__)
+
+METRICS_FILE = METRICS  # in the workdir (kronjax.workdir's layout)
+TB_DIR = TENSORBOARD
 
 # Peak dense bf16 FLOP/s per chip, matched as case-insensitive substrings of
 # `device.device_kind` in this order (more specific names first).
@@ -146,6 +164,30 @@ def _to_python(key: str, value: Any) -> Any:
     raise TypeError(f"metric {key!r}: unsupported dtype {arr.dtype}")
 
 
+def parse_records(text: str) -> dict[int, dict[str, Any]]:
+    """{step: the last record of that step} of a metrics.jsonl text; a line cut short by a
+    crash (or anything else that is not a JSON object with an integer step) is skipped."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            by_step[rec["step"]] = rec
+    return by_step
+
+
+def read_metrics(path: str | os.PathLike[str] | Any) -> list[dict[str, Any]]:
+    """metrics.jsonl records sorted by step, the last record kept where a resume repeated one
+    (a local path or a gs:// URL; [] if there is no such file)."""
+    path = storage.as_path(path)
+    if not path.is_file():
+        return []
+    by_step = parse_records(path.read_text(encoding="utf-8"))
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def _ends_mid_line(path: Path) -> bool:
     """True if `path` exists and its last byte is not a newline (a cut-off record)."""
     if not path.exists() or path.stat().st_size == 0:
@@ -164,7 +206,7 @@ class MetricsWriter:
 
     def __init__(
         self,
-        workdir: str | os.PathLike[str],
+        workdir: str | os.PathLike[str] | Workdir,
         *,
         is_main: bool,
         total_steps: int,
@@ -172,42 +214,71 @@ class MetricsWriter:
         use_tensorboard: bool = True,
         progress: bool = True,
         postfix_keys: Sequence[str] = ("loss", "lr", "tokens_per_s", "mfu"),
+        sync_every_s: float = 60.0,
     ) -> None:
         self.is_main = is_main
-        self.path = Path(workdir) / METRICS_FILE
+        wd = Workdir.at(workdir)
+        self.path = wd.metrics
+        self._remote = wd.is_remote
+        self._tb_remote = wd.tensorboard
         self._postfix_keys = tuple(postfix_keys)
         self._file: TextIO | None = None
+        self._lines: list[str] | None = None  # a bucket's metrics.jsonl, rewritten at sync
+        self._staging: Path | None = None     # TensorBoard events before their upload
+        self._sync_every_s, self._synced_at = sync_every_s, time.monotonic()
         self._tb: Any = None  # tensorboardX.SummaryWriter, imported only when used
         self._bar: tqdm | None = None
         if not is_main:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        needs_newline = _ends_mid_line(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if needs_newline:  # a crash cut the last line short; keep it, start a fresh one
-            self._file.write("\n")
-            self._file.flush()
+        if self._remote:
+            self._lines = self._bucket_lines(initial_step)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            needs_newline = _ends_mid_line(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            if needs_newline:  # a crash cut the last line short; keep it, start a fresh one
+                self._file.write("\n")
+                self._file.flush()
         if use_tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(Path(workdir) / TB_DIR), flush_secs=30)
+            if self._remote:
+                self._staging = Path(tempfile.mkdtemp(prefix="kronjax-tb-"))
+            logdir = self._staging if self._remote else wd.tensorboard
+            self._tb = SummaryWriter(logdir=str(logdir), flush_secs=30)
         if progress:
             self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
                              unit="step")
+
+    def _bucket_lines(self, initial_step: int) -> list[str]:
+        """The bucket's records up to the step the run restarts from (later ones, left by
+        a run killed after its last save, are trained again and would appear twice)."""
+        if not self.path.exists():
+            return []
+        lines = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            step = parse_records(line)
+            if step and next(iter(step)) <= initial_step:
+                lines.append(line + "\n")
+        return lines
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record `metrics` at `step`: one JSON line (flushed), scalars to TB, the bar."""
         if not self.is_main:
             return
-        if self._file is None:
+        if self._file is None and self._lines is None:
             raise RuntimeError("MetricsWriter.write after close()")
         if "step" in metrics:
             raise ValueError("metrics must not contain 'step'; it is passed separately")
         step = int(step)
         record = {k: _to_python(k, v) for k, v in metrics.items()}
         line = json.dumps({"step": step, "time": time.time(), **record})
-        self._file.write(line + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+        else:
+            assert self._lines is not None
+            self._lines.append(line + "\n")
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -220,6 +291,21 @@ class MetricsWriter:
             }
             if shown:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        if self._lines is not None and time.monotonic() - self._synced_at > self._sync_every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """In a bucket: rewrite metrics.jsonl whole and upload the TensorBoard events (the
+        loop calls this at every evaluation and save). On local disk every line is already
+        flushed: nothing to do."""
+        if self._lines is None:
+            return
+        storage.write_bytes(self.path, "".join(self._lines).encode("utf-8"))
+        if self._tb is not None and self._staging is not None:
+            self._tb.flush()
+            for f in sorted(self._staging.iterdir()):
+                storage.upload(f, self._tb_remote / f.name)
+        self._synced_at = time.monotonic()
 
     def print(self, message: str) -> None:
         """Print a line (main process only) without breaking the progress bar."""
@@ -227,16 +313,24 @@ class MetricsWriter:
             tqdm.write(message)
 
     def close(self) -> None:
-        """Flush and close everything; safe to call twice."""
+        """Flush (in a bucket: a last sync) and close everything; safe to call twice."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        try:
+            if self._lines is not None:
+                self.sync()
+        finally:
+            self._lines = None
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> MetricsWriter:
         return self

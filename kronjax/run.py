@@ -1,8 +1,9 @@
 """From a config to the first step: everything a run assembles before it trains.
 
-Multi-host setup, the data directory (prepared on first use), the tokenizer's vocabulary size
-and ByteVocab (or a stand-in when a dry run or a benchmark has no data), the GPTConfig, the
-mesh plan, the run metadata a checkpoint must agree with, the restore, and the workdir layout.
+Multi-host setup, the data directory (prepared on first use; copied from a bucket to each
+host), the tokenizer's vocabulary size and ByteVocab (or a stand-in when a dry run or a
+benchmark has no data), the GPTConfig, the mesh plan, the run metadata a checkpoint must
+agree with, and the restore. The workdir's files are named by kronjax.workdir.
 `kronjax.loop` trains what `assemble` returns; `kronjax.dryrun`, `kronjax.sample` and
 `kronjax.bench` use the same pieces, so a dry run compiles exactly what a run trains.
 """
@@ -28,22 +29,17 @@ from kronjax import config as config_lib
 from kronjax import console
 from kronjax import data as data_lib
 from kronjax import mesh as mesh_lib
-from kronjax import metrics as metrics_lib
 from kronjax import optim
+from kronjax import storage
 from kronjax.model import GPT, GPTConfig
 from kronjax.data import fingerprint
+from kronjax.data import remote as remote_data
 from kronjax.data.tokenizers import load_tokenizer
 from kronjax.step import CrossEntropy, State, eval_step, init_state, train_step
 from kronjax.vocab import ByteVocab
+from kronjax.workdir import Workdir
 
 log = logging.getLogger("kronjax.run")
-
-# -- the workdir layout ----------------------------------------------------------------------
-CHECKPOINTS = "checkpoints"            # orbax: state, data iterator position, run metadata
-CONFIG = "config.json"                 # the resolved config (kronjax.config.to_json)
-CONFIG_HISTORY = "config_history.jsonl"  # every config the run started with, and from which step
-METRICS = metrics_lib.METRICS_FILE     # one JSON object per step
-TENSORBOARD = metrics_lib.TB_DIR       # TensorBoard events
 
 # -- multi-host --------------------------------------------------------------------------------
 # Multi-process launch by environment (launch/local.sh sets these).
@@ -123,14 +119,15 @@ def distributed_from_config(cfg: ml_collections.ConfigDict) -> bool:
 
 
 # -- data --------------------------------------------------------------------------------------
-def data_dir_for(cfg: ml_collections.ConfigDict) -> Path:
-    """Where prepared data lives: cfg.data.dir, or a cache path named after the source and
-    tokenizer plus a short hash of everything that defines the data (resolved source path,
-    tokenizer, vocabulary size, max_tokens), so two files of one name, or another max_tokens,
-    never share a directory. A cache directory named the old way (no hash) is still used when
-    its meta.json records the same request."""
+def data_dir_for(cfg: ml_collections.ConfigDict) -> Path | Any:
+    """Where prepared data lives: cfg.data.dir (a local path or a gs:// URL), or a cache path
+    named after the source and tokenizer plus a short hash of everything that defines the data
+    (resolved source path, tokenizer, vocabulary size, max_tokens), so two files of one name,
+    or another max_tokens, never share a directory. A cache directory named the old way (no
+    hash) is still used when its meta.json records the same request."""
     if cfg.data.dir:
-        return Path(cfg.data.dir).expanduser()
+        text = str(cfg.data.dir)
+        return storage.as_path(text) if storage.is_url(text) else Path(text).expanduser()
     name = Path(cfg.data.source).name or cfg.data.source
     tok = cfg.data.tokenizer.replace(":", "_").replace("/", "_")
     size = f"-{cfg.data.sp_vocab_size}" if cfg.data.tokenizer == "sentencepiece" else ""
@@ -147,7 +144,7 @@ def _max_tokens(cfg: ml_collections.ConfigDict) -> int | None:
     return int(float(cfg.data.get("max_tokens", 0) or 0)) or None
 
 
-def is_prepared(ddir: Path) -> bool:
+def is_prepared(ddir: Path | Any) -> bool:
     return (ddir / data_lib.META).exists()
 
 
@@ -155,9 +152,10 @@ SMALL_SOURCE_BYTES = 64 << 20  # local sources below this are tokenized without 
 
 
 def ensure_data(cfg: ml_collections.ConfigDict, *, progress: bool) -> Path:
-    """Prepare the corpus on first use. Idempotent, and checked on every call: prepared data
-    made from another request or from other content of the source are refused (DataError,
-    naming what differs), never reused or overwritten."""
+    """Prepare the corpus on first use (into a bucket too: published from this host's cache).
+    Idempotent, and checked on every call: prepared data made from another request or from
+    other content of the source are refused (DataError, naming what differs), never reused or
+    overwritten. Returns the local directory to train from (a bucket's is copied here)."""
     ddir = data_dir_for(cfg)
     source = str(cfg.data.source)
     if not is_prepared(ddir):
@@ -167,7 +165,7 @@ def ensure_data(cfg: ml_collections.ConfigDict, *, progress: bool) -> Path:
     data_lib.prepare(source, cfg.data.tokenizer, ddir, sp_vocab_size=cfg.data.sp_vocab_size,
                      max_tokens=_max_tokens(cfg), workers=0 if small else (os.cpu_count() or 1),
                      progress=progress)
-    return ddir
+    return remote_data.fetch(ddir) if storage.is_url(ddir) else ddir
 
 
 def ensure_data_everywhere(cfg: ml_collections.ConfigDict, *, progress: bool) -> Path:
@@ -186,6 +184,8 @@ def ensure_data_everywhere(cfg: ml_collections.ConfigDict, *, progress: bool) ->
     multihost_utils.sync_global_devices("kronjax: data prepared")
     if error is not None:
         raise error
+    if storage.is_url(ddir):  # no shared disk: every host copies the data to its own
+        return remote_data.fetch(ddir)
     if not is_prepared(ddir):
         raise FileNotFoundError(f"process {jax.process_index()} sees no prepared data in {ddir}: "
                                 "data.dir must be on storage every host can read (or prepare it "
@@ -223,10 +223,20 @@ def synthetic_vocab(n: int, pos_dim: int, seed: int = 0) -> ByteVocab:
 def prepared_vocab(cfg: ml_collections.ConfigDict) -> tuple[int, VocabFn, str] | None:
     """(vocab size, pos_dim -> ByteVocab, where from) of the prepared data; None if none."""
     ddir = data_dir_for(cfg)
-    if not is_prepared(ddir):
+    try:
+        if not is_prepared(ddir):
+            return None
+    except OSError as e:  # a bucket this machine cannot read (a dry run on a laptop)
+        log.warning("cannot read %s (%s): using a stand-in vocabulary", ddir, e)
         return None
-    tok = data_lib.load_tokenizer_for(ddir)
+    tok = data_lib.load_tokenizer_for(local_tokenizer_dir(ddir))
     return tok.vocab_size, tok.byte_vocab, f"{tok.spec} from prepared data {ddir}"
+
+
+def local_tokenizer_dir(ddir: Path | Any) -> Path:
+    """A prepared directory whose tokenizer can be loaded here: itself, or for a bucket this
+    host's copy of its meta.json and tokenizer (the token files are not copied)."""
+    return remote_data.fetch(ddir, data=False) if storage.is_url(ddir) else ddir
 
 
 def tokenizer_vocab_size(cfg: ml_collections.ConfigDict) -> int:
@@ -355,7 +365,7 @@ class Run:
     """A run ready for its first (or next) step: what `kronjax.loop.train` iterates."""
 
     cfg: ml_collections.ConfigDict
-    workdir: Path
+    workdir: Workdir
     model: GPT
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -370,11 +380,11 @@ class Run:
     progress: bool
 
 
-def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
+def assemble(cfg: ml_collections.ConfigDict, workdir: Workdir) -> Run:
     """Data (prepared on first use), model, plan, data pipeline, and the state: restored
     from workdir's latest checkpoint (refused if it disagrees with `run_meta`) or new."""
     config_lib.check_run_config(cfg)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.create()
     is_main = jax.process_index() == 0
     # A bar only where it can be drawn and where INFO lines show (not under --quiet).
     progress = (bool(cfg.train.progress) and is_main and console.is_terminal()
@@ -409,7 +419,7 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
              data_meta["tokenizer"], ddir, f"{len(train_tokens):,}", f"{len(val_tokens):,}")
     bytes_per_token = val["bytes"] / max(val["tokens"], 1)
 
-    checkpointer = ckpt.Checkpointer(workdir / CHECKPOINTS,
+    checkpointer = ckpt.Checkpointer(workdir.checkpoints,
                                      save_every=int(cfg.train.checkpoint_every),
                                      max_to_keep=int(cfg.train.keep_checkpoints))
     if checkpointer.latest_step() is not None:
@@ -427,7 +437,7 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
         init = functools.partial(init_state, model, tx, int(cfg.seed), seq_len)
         state = jax.jit(init, out_shardings=plan.state_sh)()
     if is_main:
-        config_lib.record_config(workdir / CONFIG, workdir / CONFIG_HISTORY, cfg,
+        config_lib.record_config(workdir.config, workdir.config_history, cfg,
                                  int(state["step"]))
     return Run(cfg, workdir, model, tx, schedule, plan, meta, state, data_iter, eval_set,
                bytes_per_token, checkpointer, is_main, progress)

@@ -29,6 +29,7 @@ from kronjax.model import GPT
 from kronjax.step import init_state
 from kronjax.data.tokenizers import Tokenizer
 from kronjax import run as run_lib
+from kronjax.workdir import Workdir
 
 OOV_MARK = "{oov}"
 
@@ -44,22 +45,22 @@ class Loaded:
     step: int
 
 
-def load_run(workdir: str | Path, step: int | None = None) -> Loaded:
-    """Rebuild the model of a run from its saved config and restore its params."""
-    workdir = Path(workdir)
-    cfg_path = workdir / run_lib.CONFIG
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{workdir} holds no config.json: is it a kronjax.train workdir?")
-    cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+def load_run(workdir: str | Path | Workdir, step: int | None = None) -> Loaded:
+    """Rebuild the model of a run from its saved config and restore its params (a local
+    workdir or a gs:// one)."""
+    wd = Workdir.at(workdir)
+    if not wd.config.is_file():
+        raise FileNotFoundError(f"{wd} holds no config.json: is it a kronjax.train workdir?")
+    cfg = ml_collections.ConfigDict(json.loads(wd.config.read_text()))
     ddir = run_lib.data_dir_for(cfg)
-    tokenizer = data_lib.load_tokenizer_for(ddir)
+    tokenizer = data_lib.load_tokenizer_for(run_lib.local_tokenizer_dir(ddir))
     model = run_lib.build_model(cfg, tokenizer.vocab_size, tokenizer.byte_vocab)
     mcfg, vocab = model.config, model.vocab
-    checkpointer = ckpt.Checkpointer(workdir / run_lib.CHECKPOINTS, save_every=1)
+    checkpointer = ckpt.Checkpointer(wd.checkpoints, save_every=1)
     try:
         meta = checkpointer.read_meta(step)
         if meta is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+            raise FileNotFoundError(f"no checkpoint in {wd.checkpoints}")
         if vocab is not None and meta.get("vocab_fingerprint") != vocab.fingerprint:
             raise ckpt.IncompatibleCheckpointError(
                 f"the tokenizer in {ddir} gives vocabulary {vocab.fingerprint[:12]} but the "

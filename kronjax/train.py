@@ -28,6 +28,7 @@ import ml_collections
 
 from kronjax import config as config_lib
 from kronjax import console
+from kronjax import storage
 from kronjax.errors import UserError
 from kronjax.loop import train
 
@@ -75,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.dist = ml_collections.ConfigDict()
         cfg.dist.initialize = "on"
     if args.dry_run:
+        if args.workdir:  # not written to, but a bad URL is said now, not at the real run
+            try:
+                storage.as_path(args.workdir)
+            except UserError as e:
+                parser.exit(2, f"{parser.prog}: error: {e}\n")
         if args.topology and args.topology.startswith("cpu:"):
             try:
                 jax.config.update("jax_num_cpu_devices", int(args.topology[4:]))

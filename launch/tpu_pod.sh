@@ -15,19 +15,20 @@
 # compiles the step for that slice with libtpu (pip install -e '.[tpu]') and prints the
 # memory per chip against its HBM. The same line with and without --dry-run: check, then run.
 #
-# Every host must read the same prepared data and write one shared checkpoint directory:
-# put data.dir and --workdir on shared storage (Filestore/NFS), or prepare the data on every
-# host with the same command (prepare is deterministic, so the copies are identical).
+# The hosts share no disk and orbax writes one checkpoint from all of them, so --workdir is a
+# gs:// bucket (spot and queued VMs lose their disks when preempted); data.dir can be one too:
+# prepared once (`python -m kronjax.data prepare ... --out gs://...`), copied by every host
+# into its own cache and verified. Filestore/NFS paths work as well.
 #
 # Example (a v4-32: 4 hosts x 4 chips = 16 devices, fully sharded over fsdp):
 #   launch/tpu_pod.sh my-v4-32 us-central2-b --type v4-32 -- python -m kronjax.train \
-#       --config configs/gpt2_124m_kron.py --workdir /mnt/shared/runs/124m_kron --distributed \
-#       --config.data.dir=/mnt/shared/data/fineweb_edu_gpt2 --config.mesh.data=1 \
-#       --config.mesh.fsdp=-1
+#       --config configs/gpt2_124m_kron.py --workdir gs://my-bucket/runs/124m_kron \
+#       --distributed --config.data.dir=gs://my-bucket/data/fineweb_edu_gpt2 \
+#       --config.mesh.data=1 --config.mesh.fsdp=-1
 set -euo pipefail
 
 usage() {
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 

@@ -1,6 +1,7 @@
 """Benchmarks: the embedding layer alone (`embed`), the full train step (`step`), this
-platform's attention kernel against the reference (`attention`), and the step compiled for
-TPU slices on any host (`tpu`: memory per chip, largest micro-batch, XLA cost ratios).
+platform's attention kernel against the reference (`attention`), the step compiled for
+TPU slices on any host (`tpu`: memory per chip, largest micro-batch, XLA cost ratios), and
+checkpoints and data on local disk against a gs:// bucket (`storage`).
 
     python -m kronjax.bench embed [--vocab 50304] [--d-model 768] [--tokens 16384]
                                   [--pos-dim 16] [--reps 10] [--json]
@@ -23,9 +24,10 @@ time(arm) / time(baseline): below 1 is faster.
 
     python -m kronjax.bench attention [--batch 16] [--seq 1024] [--heads 12] [--head-dim 64]
     python -m kronjax.bench tpu [--config FILE] [--types v4-8,...] [--arms ...] [--json]
+    python -m kronjax.bench storage --url gs://BUCKET/PREFIX [--config FILE] [--reps 3]
 
 Modules: timing (machine, interleaved rounds, memory), embed, step, torch_step (nanoGPT in
-PyTorch), attention, tpu, cli.
+PyTorch), attention, tpu, storage, cli.
 """
 
 from kronjax.bench.cli import build_parser, main

@@ -10,6 +10,8 @@ from kronjax.bench.attention import __doc__ as ATTENTION_DOC
 from kronjax.bench.attention import cmd_attention
 from kronjax.bench.embed import cmd_embed
 from kronjax.bench.step import STEP_ARMS, STEP_DOC, VOCAB_SOURCES, cmd_step
+from kronjax.bench.storage import __doc__ as STORAGE_DOC
+from kronjax.bench.storage import cmd_storage
 from kronjax.bench.tpu import FIT_TYPES, cmd_tpu
 from kronjax.bench.tpu import __doc__ as TPU_DOC
 
@@ -95,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{','.join(FIT_TYPES)})")
     tp.add_argument("--json", action="store_true", help="print one JSON object")
     tp.set_defaults(func=cmd_tpu)
+
+    so = sub.add_parser("storage", help="checkpoint save/restore and data copy: local disk "
+                        "against a gs:// bucket", description=STORAGE_DOC,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    so.add_argument("--url", required=True, help="gs://BUCKET/PREFIX to write under (deleted "
+                    "afterwards); STORAGE_EMULATOR_HOST points it at an emulator")
+    so.add_argument("--config", default=None, help="config file (default configs/default.py); "
+                    "then --config.a.b=value overrides")
+    so.add_argument("--reps", type=int, default=3, help="save/restore rounds per place")
+    so.add_argument("--json", action="store_true", help="print one JSON object")
+    so.set_defaults(func=cmd_storage)
     return parser
 
 
@@ -132,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
-    if overrides and args.command not in ("step", "tpu"):
-        parser.error("--config.* overrides apply to the step and tpu benchmarks only")
+    if overrides and args.command not in ("step", "tpu", "storage"):
+        parser.error("--config.* overrides apply to the step, tpu and storage benchmarks only")
     args.overrides = overrides
     for flag in ("vocab", "d_model", "tokens", "pos_dim", "reps", "vocab_size", "torch_threads",
                  "batch", "seq", "heads", "head_dim"):
@@ -145,6 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     except ValueError as e:  # a config the step cannot be built for: say so, no traceback
-        if args.command not in ("step", "tpu"):
+        if args.command not in ("step", "tpu", "storage"):
             raise
         parser.error(f"{args.command}: {e}")

@@ -14,9 +14,11 @@ import argparse
 import json
 import os
 
+from kronjax import storage
+from kronjax.data import remote
 from kronjax.data.corpora import SOURCES_HELP
 from kronjax.data.prepare import prepare
-from kronjax.data.store import SHARD_TOKENS, load_meta
+from kronjax.data.store import META, SHARD_TOKENS, load_meta
 from kronjax.errors import UserError
 
 
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="tokenizer processes (0: tokenize in this process); default: all cores")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory, or a gs:// URL (prepared in "
+                   "this host's cache, then published there)")
     p.add_argument("--overwrite", action="store_true", help="replace differing prepared data")
     i = sub.add_parser("info", help="print a prepared directory's meta.json")
     i.add_argument("dir")
@@ -75,6 +78,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
                        max_documents=args.max_documents, max_tokens=args.max_tokens,
                        shard_tokens=args.shard_tokens, workers=max(args.workers, 0),
                        overwrite=args.overwrite, progress=not args.no_progress)
+        return meta
+    if storage.is_url(args.dir):
+        meta = remote.read_meta(args.dir)
+        if meta is None:
+            raise FileNotFoundError(f"no {META} in {args.dir}: not prepared data (or not "
+                                    "completely published)")
         return meta
     return load_meta(args.dir)
 

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from kronjax import storage
+from kronjax.data import remote
 from kronjax.data.corpora import canonical_source, iter_documents
 from kronjax.data.fingerprint import (CONTENT, content_changes, defining_request,
                                       describe_changes, is_local, source_content)
@@ -51,7 +53,8 @@ def split_shard_tokens(shard_tokens: int, val_fraction: float) -> dict[str, int]
     return {"train": shard_tokens, "val": max(1, round(shard_tokens * ratio))}
 
 
-def prepare(source: str, tokenizer_spec: str, out_dir: str | Path, *, sp_vocab_size: int = 4096,
+def prepare(source: str, tokenizer_spec: str, out_dir: str | Path | Any, *,
+            sp_vocab_size: int = 4096,
             val_fraction: float = 0.05, text_field: str = "text",
             max_documents: int | None = None, max_tokens: int | None = None,
             shard_tokens: int = SHARD_TOKENS, workers: int = 0, overwrite: bool = False,
@@ -64,8 +67,9 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path, *, sp_vocab_s
     goes to val; a corpus with fewer documents gives val the tail of its last document instead.
     max_tokens stops after the train document that reaches that many train tokens (val keeps
     the documents before it). workers > 0 tokenizes in that many processes (same output).
-    Re-running with the same arguments returns the existing meta, or continues an interrupted
-    run; different arguments are refused unless overwrite=True.
+    out_dir may be a gs:// URL: prepared in this host's cache, then published there
+    (kronjax.data.remote). Re-running with the same arguments returns the existing meta, or
+    continues an interrupted run; different arguments are refused unless overwrite=True.
     """
     if not 0.0 <= val_fraction <= 0.5:
         raise ValueError(f"val_fraction must lie in [0, 0.5]; got {val_fraction}")
@@ -73,11 +77,19 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path, *, sp_vocab_s
         raise ValueError(f"shard_tokens and max_tokens must be >= 1; got {shard_tokens}, "
                          f"{max_tokens}")
     max_tokens = None if max_tokens is None else int(max_tokens)
-    out = Path(out_dir)
     request = {**defining_request(source, tokenizer_spec, sp_vocab_size=sp_vocab_size,
                                   max_tokens=max_tokens, strict=False),
                "val_fraction": val_fraction, "text_field": text_field,
                "max_documents": max_documents, "shard_tokens": int(shard_tokens)}
+    if storage.is_url(out_dir):  # prepared in this host's cache, then published
+        return remote.prepare_in_bucket(
+            out_dir, request, overwrite, _request_diffs,
+            lambda local: prepare(source, tokenizer_spec, local, sp_vocab_size=sp_vocab_size,
+                                  val_fraction=val_fraction, text_field=text_field,
+                                  max_documents=max_documents, max_tokens=max_tokens,
+                                  shard_tokens=shard_tokens, workers=workers,
+                                  overwrite=overwrite, progress=progress))
+    out = Path(out_dir)
     tokenizer_spec = request["tokenizer"]  # a sentencepiece path: where it points
     gone = is_local(source) and not Path(source).expanduser().exists()
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kronjax import storage
 from kronjax.data.corpora import json_lines
 from kronjax.embed import ByteOverride
 from kronjax.model import GPT
@@ -33,7 +35,7 @@ class Checkpoint:
     """A loaded run plus the label the tables use for it."""
 
     label: str
-    workdir: Path
+    workdir: Any          # a local Path, or an epath.Path for a gs:// run
     run: Loaded
 
     @property
@@ -49,11 +51,18 @@ class Checkpoint:
                 "step": self.run.step}
 
 
+def _parts(workdir: str | Path) -> tuple[str, ...]:
+    path = storage.as_path(workdir)
+    if isinstance(path, Path):
+        return path.resolve().parts
+    return tuple(os.fspath(path).rstrip("/").split("/"))
+
+
 def labels_for(workdirs: Sequence[str | Path]) -> list[str]:
     """Short unique labels: the directory name, or more of the path where names clash."""
-    paths = [Path(w).resolve() for w in workdirs]
-    for depth in range(1, max((len(p.parts) for p in paths), default=1) + 1):
-        labels = ["/".join(p.parts[-depth:]) for p in paths]
+    paths = [_parts(w) for w in workdirs]
+    for depth in range(1, max((len(p) for p in paths), default=1) + 1):
+        labels = ["/".join(p[-depth:]) for p in paths]
         if len(set(labels)) == len(labels):
             return labels
     raise ValueError(f"the same workdir is given twice: {[str(w) for w in workdirs]}")
@@ -69,7 +78,7 @@ def load_checkpoints(workdirs: Sequence[str | Path]) -> list[Checkpoint]:
             run = load_run(w)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"cannot load run {w}: {e}") from e
-        out.append(Checkpoint(label, Path(w), run))
+        out.append(Checkpoint(label, storage.as_path(w), run))
     return out
 
 
@@ -181,22 +190,28 @@ def cosine_rows(a_NxD: np.ndarray, b_NxD: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (a * b).sum(-1) / np.where(den > 0, den, 1.0), 0.0)
 
 
-def prepare_out(out: str | Path | None, names: Iterable[str], force: bool) -> Path | None:
-    """The output directory, refusing to replace earlier results unless force is given."""
+def prepare_out(out: str | Path | None, names: Iterable[str], force: bool) -> Any:
+    """The output directory (a local Path or a gs:// one), refusing to replace earlier
+    results unless force is given."""
     if out is None:
         return None
-    out = Path(out)
+    out = storage.as_path(out)
     existing = [n for n in names if (out / n).exists()]
     if existing and not force:
         raise FileExistsError(f"{out} already holds {existing}: pass --force to replace them, "
                               f"or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n",
-                    encoding="utf-8")
+def write_text(path: Any, text: str) -> None:
+    """A result file, written whole (local or in a bucket)."""
+    storage.write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Any, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
 
 
 def _jsonable(x: Any) -> Any:

@@ -221,13 +221,12 @@ def run(workdirs: Sequence[str | Path], prompts_file: str | Path = DEFAULT_PROMP
     summary = summarise(records)
     md = to_markdown(summary, records)
     if out_dir is not None:
-        with open(out_dir / "generation.jsonl", "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        common.write_text(out_dir / "generation.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         common.write_json(out_dir / "generation.json",
                           {"prompts_file": str(prompts_file), "seed": seed, "n_new": n_new,
                            "checkpoints": [c.describe() for c in ckpts], "summary": summary})
-        (out_dir / "generation.md").write_text(md, encoding="utf-8")
+        common.write_text(out_dir / "generation.md", md)
     return {"records": records, "summary": summary, "markdown": md,
             "checkpoints": [c.describe() for c in ckpts]}
 

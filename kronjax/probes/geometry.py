@@ -263,7 +263,7 @@ def run(*, workdirs: Sequence[str | Path] = (), codec_pos_dims: Sequence[int] = 
     if out_dir is not None:
         common.write_json(out_dir / "geometry.json",
                           {k_: v for k_, v in result.items() if k_ != "markdown"})
-        (out_dir / "geometry.md").write_text(result["markdown"], encoding="utf-8")
+        common.write_text(out_dir / "geometry.md", result["markdown"])
     return result
 
 

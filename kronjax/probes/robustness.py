@@ -154,7 +154,7 @@ def run(workdirs: Sequence[str | Path], pairs_file: str | Path = DEFAULT_PAIRS,
     if out_dir is not None:
         common.write_json(out_dir / "robustness.json",
                           {k: v for k, v in result.items() if k != "markdown"})
-        (out_dir / "robustness.md").write_text(result["markdown"], encoding="utf-8")
+        common.write_text(out_dir / "robustness.md", result["markdown"])
     return result
 
 
