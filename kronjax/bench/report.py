@@ -14,7 +14,9 @@ recorded and the next one runs):
   step_variants  bpe_untied and kron, kron with the other GPU forms, bpe_untied with Pallas'
                  Triton attention
 
-Each JSON part writes OUT/<part>.json: the benchmark's own JSON, or {"part", "ok": false,
+The parts share a JAX compilation cache (JAX_COMPILATION_CACHE_DIR, default a folder in the
+temporary directory: not in OUT, whose files the device tool returns, 8 at most). Each JSON
+part writes OUT/<part>.json: the benchmark's own JSON, or {"part", "ok": false,
 "error", ...} when it failed. OUT/summary.json (rewritten after every part) holds each part's
 status and time, the test counts, and the issue's targets computed from what came back.
 Part stderr goes to OUT/log.txt. --cpu-smoke runs every part at tiny shapes on the CPU: a
@@ -31,6 +33,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -110,7 +113,7 @@ def plan(smoke: bool) -> list[Part]:
         Part("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                        "tests/test_gpu.py"], 90),
         Part("step", [*bench, "step", *step, "--arms", "bpe_untied,kron,bpe_tied,kron_tied",
-                      "--json"], 150),
+                      "--json"], 210),
         Part("embed", [*bench, *embed], 60),
         Part("attention", [*bench, "attention", "--kernels", "all", "--json",
                            *(ATTENTION_SMOKE if smoke else [])], 60),
@@ -215,6 +218,10 @@ def run_report(out: Path, budget_s: float, smoke: bool, only: list[str] | None =
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # one compilation cache for all parts: step_variants' bpe_untied and kron steps are
+    # step's, compiled once (a cache changes compile time only, not what runs)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR",
+                   str(Path(tempfile.gettempdir()) / "kronjax-report-jax-cache"))
     if smoke:
         env["JAX_PLATFORMS"] = "cpu"
     summary: dict[str, Any] = {"report": "gpu", "cpu_smoke": smoke, "budget_s": budget_s,
