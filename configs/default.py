@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.pos_dim = 16
     cfg.model.kron_mode = "sparse"
     cfg.model.attention = "auto"          # fused kernel on TPU/GPU, the reference on CPU
+    cfg.model.codec_gpu = "auto"          # the codec on CUDA GPUs: gather-scatter | gather-sorted
+                                          # | gather-onehot | onehot-onehot (kronjax.codec)
     cfg.model.dtype = "float32"           # XLA's bf16 is slow on CPU
     cfg.model.vocab_multiple = 64         # pad the vocabulary like nanoGPT's 50304
 

@@ -10,7 +10,16 @@ per-row log-sum-exp, and recomputes the scores in its backward:
   cuda  cuDNN flash attention through jax.nn.dot_product_attention, for bfloat16/float16
         and head dims cuDNN takes; otherwise the reference. Only where this process sees a
         GPU: cuDNN cannot even be traced without one, and no GPU step is compiled elsewhere.
+        (Its BTNH layout needs no transposes: jax gives the cuDNN call an output layout that
+        makes the transpose back to BxTxHxK a bitcast.)
   cpu   the reference, unchanged.
+
+implementation names the choice: "auto" (the above), "reference" everywhere, or one kernel:
+"splash" (TPU), "cudnn" or "pallas_triton" (CUDA: Pallas' Triton flash attention,
+jax.experimental.pallas.ops.gpu.attention, forward and backward kernels), each on its own
+platform where it takes the shape, and the reference elsewhere. Pallas' Mosaic GPU kernel for
+Hopper (attention_mgpu) is not offered: up to jax 0.11 its causal backward raises
+NotImplementedError; `python -m kronjax.bench attention` times its forward alone.
 
 The choice is made by `lax.platform_dependent` (as the codec's block size is), so a step
 compiled ahead of time for a TPU on a CPU host gets the TPU kernel. Dropout on the attention
@@ -34,10 +43,14 @@ import jax.numpy as jnp
 
 from kronjax.layers import causal_attention
 
-IMPLEMENTATIONS = ("auto", "reference")
+KERNELS = {"splash": "tpu", "cudnn": "cuda", "pallas_triton": "cuda"}  # kernel: platform
+AUTO = {"tpu": "splash", "cuda": "cudnn"}  # what "auto" runs on each platform
+IMPLEMENTATIONS = ("auto", "reference", *KERNELS)
 SPLASH_LANE = 128  # splash blocks are multiples of this; T must be one too
 SPLASH_MAX_BLOCK = 512
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+TRITON_BLOCK = 128  # Pallas Triton attention: forward blocks of up to 128 positions
+TRITON_BWD_BLOCK = 32  # its backward kernels' blocks (Pallas' own defaults)
 
 
 def splash_supported(t: int) -> bool:
@@ -97,11 +110,35 @@ def cudnn_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.A
                                         implementation="cudnn")
 
 
+def triton_supported(dtype: Any, t: int, k: int) -> bool:
+    """Pallas Triton attention: whole blocks of T, half precision (float32 dots would run as
+    TF32 on the tensor cores), head dims of 16..256."""
+    return (jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES]
+            and t % min(TRITON_BLOCK, t) == 0 and t % TRITON_BWD_BLOCK == 0 and 16 <= k <= 256)
+
+
+def triton_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, *,
+                     interpret: bool = False, block: int = TRITON_BLOCK,
+                     bwd_block: int = TRITON_BWD_BLOCK) -> jax.Array:
+    """Causal attention by Pallas' Triton flash attention (forward and backward kernels).
+
+    interpret=True runs the same kernels in Pallas' interpreter (any platform; tests)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
+
+    t, k = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
+    fwd, bwd = min(block, t), min(bwd_block, t)
+    blocks = pallas_gpu.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd,
+                                   block_q_dq=bwd, block_kv_dq=bwd)
+    return pallas_gpu.mha(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, None, sm_scale=1.0 / math.sqrt(k),
+                          causal=True, block_sizes=blocks, interpret=interpret)
+
+
 def attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, dtype: Any,
               dropout: Callable[[jax.Array], jax.Array] | None = None,
               implementation: str = "auto") -> jax.Array:
     """Causal self-attention, y_BxTxHxK in `dtype`: the platform's kernel (module docstring)
-    for implementation="auto", the reference everywhere for "reference"."""
+    for implementation="auto", the reference everywhere for "reference", a named kernel on
+    its platform (the reference elsewhere)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
                          f"{', '.join(IMPLEMENTATIONS)}")
@@ -111,7 +148,8 @@ def attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, 
         return causal_attention(q, k, v, dtype, *(() if dropout is None else (dropout,)))
 
     t, head_dim = q.shape[1], q.shape[-1]
-    kernels = {"splash": splash_attention, "cudnn": cudnn_attention}
+    kernels = {"splash": splash_attention, "cudnn": cudnn_attention,
+               "pallas_triton": triton_attention}
     branches = {platform: kernels[name] for platform in ("tpu", "cuda")
                 if (name := kernel_for(platform, t, head_dim, dtype, implementation,
                                        dropout is not None)) != "reference"}
@@ -123,14 +161,20 @@ def attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, 
 def kernel_for(platform: str, t: int, head_dim: int, dtype: Any, implementation: str = "auto",
                dropout: bool = False) -> str:
     """Which kernel `attention` runs on `platform` ("cpu", "tpu", "cuda"/"gpu") for this
-    shape: "splash", "cudnn" or "reference" (the dry run reports it)."""
-    if implementation == "reference" or dropout:
+    shape: a name of KERNELS or "reference" (the dry run reports it)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
+                         f"{', '.join(IMPLEMENTATIONS)}")
+    platform = "cuda" if platform == "gpu" else platform
+    name = AUTO.get(platform) if implementation == "auto" else implementation
+    if dropout or name not in KERNELS or KERNELS[name] != platform:
         return "reference"
-    if platform == "tpu" and splash_supported(t):
-        return "splash"
-    if platform in ("cuda", "gpu") and gpu_present() and cudnn_supported(dtype, head_dim):
-        return "cudnn"
-    return "reference"
+    if platform == "cuda" and not gpu_present():  # GPU kernels are traced only beside a GPU
+        return "reference"
+    supported = {"splash": lambda: splash_supported(t),
+                 "cudnn": lambda: cudnn_supported(dtype, head_dim),
+                 "pallas_triton": lambda: triton_supported(dtype, t, head_dim)}[name]()
+    return name if supported else "reference"
 
 
 class AttentionCore(nn.Module):

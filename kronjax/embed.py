@@ -81,6 +81,8 @@ class KroneckerEmbed(nn.Module):
       mode: "sparse" (closed form, default), "dense" (precomputed V x C table) or
         "bytes" (recompute the codec from byte rows, the paper's runtime variant).
       dtype: compute dtype of the output; param_dtype: dtype of W.
+      gpu_codec: the sparse mode's formulation on CUDA GPUs (`codec.GPU_FORMS`, or "auto");
+        no other platform reads it.
     """
 
     vocab: ByteVocab
@@ -89,10 +91,12 @@ class KroneckerEmbed(nn.Module):
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
     embedding_init: Optional[nn.initializers.Initializer] = None
+    gpu_codec: str = "auto"
 
     def setup(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        codec.resolve_gpu_form(self.gpu_codec)
         d = self.vocab.codec_dim
         init = self.embedding_init or nn.initializers.normal(stddev=1.0 / np.sqrt(d))
         self.projection = self.param(
@@ -116,7 +120,7 @@ class KroneckerEmbed(nn.Module):
             z = codec.codec_vectors(rows_NxP, lengths_N)
             out = z @ w.astype(jnp.float32)
             return out if valid_N is None else jnp.where(valid_N[:, None], out, jnp.nan)
-        return codec.closed_form(w, rows_NxP, lengths_N, valid_N=valid_N)
+        return codec.closed_form(w, rows_NxP, lengths_N, valid_N=valid_N, gpu=self.gpu_codec)
 
     def __call__(self, ids: jax.Array, override: Optional[ByteOverride] = None) -> jax.Array:
         """ids (...) int -> (..., features). `override` swaps chosen positions' bytes."""
@@ -131,7 +135,7 @@ class KroneckerEmbed(nn.Module):
             # the kernel gathers each block's byte rows itself and applies the NaN mask in
             # its loops: no (N, P) rows, no extra (N, D) pass or buffer
             out = codec.closed_form(jnp.asarray(self.projection), self.vocab.rows,
-                                    self.vocab.lengths, ids_N=flat)
+                                    self.vocab.lengths, ids_N=flat, gpu=self.gpu_codec)
         elif self.mode == "dense" and override is None:
             table_VxD = jnp.asarray(_dense_table(self.vocab))
             out = table_VxD[flat] @ jnp.asarray(self.projection).astype(jnp.float32)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kronjax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS, AttentionCore
+from kronjax.codec import resolve_gpu_form
 from kronjax.embed import MODES, ByteOverride, KroneckerEmbed
 from kronjax.layers import INIT_STD, LN_EPS, LayerNorm, Linear, gelu, partitioned
 from kronjax.loss import fused_cross_entropy
@@ -69,7 +70,8 @@ class GPTConfig:
     arm: str = "kron"
     pos_dim: int = 16
     kron_mode: str = "sparse"
-    attention: str = "auto"  # kronjax.attention: "auto" (per platform) or "reference"
+    attention: str = "auto"  # kronjax.attention.IMPLEMENTATIONS: "auto" is per platform
+    codec_gpu: str = "auto"  # the codec's formulation on CUDA GPUs (kronjax.codec.GPU_FORMS)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -79,6 +81,7 @@ class GPTConfig:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"unknown attention {self.attention!r}; valid: "
                              f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        resolve_gpu_form(self.codec_gpu)
         if self.kron_mode not in MODES:
             raise ValueError(f"unknown kron_mode {self.kron_mode!r}; valid: {', '.join(MODES)}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pos_dim"):
@@ -214,7 +217,7 @@ class GPT(nn.Module):
                 raise ValueError(f"vocab has pos_dim={self.vocab.pos_dim} but config.pos_dim is "
                                  f"{c.pos_dim}")
             self.kron = KroneckerEmbed(self.vocab, c.n_embd, mode=c.kron_mode, dtype=c.dtype,
-                                       param_dtype=c.param_dtype)
+                                       param_dtype=c.param_dtype, gpu_codec=c.codec_gpu)
         else:
             self.wte = nn.Embed(c.vocab_size, c.n_embd, embedding_init=emb_init, dtype=c.dtype,
                                 param_dtype=c.param_dtype)

@@ -1,48 +1,49 @@
 #!/usr/bin/env bash
-# Everything kronjax measures on one GPU, in one go, as JSON files in OUTDIR:
+# Everything kronjax measures on one GPU, in one go, within a time budget, as files in OUTDIR:
 #
-#   launch/gpu_report.sh OUTDIR
+#   launch/gpu_report.sh [--budget-s 420] [--parts a,b] [--cpu-smoke] OUTDIR
 #
-#   attention.json   python -m kronjax.bench attention: cuDNN's fused attention against the
-#                    reference at 124M's shape (16 x 1024, 12 x 64, bf16): time, memory and the
-#                    largest output and gradient differences
-#   step.json        launch/gpu_bench.sh: the 124M train step of the four arms in bf16
-#   step_reference_attention.json
-#                    the same for bpe_tied and bpe_untied with model.attention=reference (the
-#                    step before the fused attention)
-#   embed.json       python -m kronjax.bench embed --tokens 65536: the embedding layer alone
-#   gpu.txt          nvidia-smi and the versions
-#   log.txt          every part's stderr
+#   gpu.txt             nvidia-smi and the versions
+#   summary.json        each part's status and seconds, the GPU test counts, the targets
+#                       (kron/bpe_untied step <= 1.003, kron embedding <= 1.5x nn.Embed,
+#                       bpe_tied MFU >= 50%, kron peak memory <= bpe_untied's)
+#   step.json           the 124M train step of the four arms (16 x 1024, bf16)
+#   embed.json          the embedding layer: nn.Embed, the codec in each GPU form
+#   attention.json      cuDNN, Pallas Triton, cuDNN BNTH, Mosaic GPU (forward) vs the reference
+#   embed_ftz.json      embed.json's arms with -nvptx-allow-ftz-atomics
+#   step_variants.json  kron with the other GPU codec forms; bpe_untied with Pallas Triton
+#   log.txt             every part's stderr
 #
-# Each part runs on even if an earlier one failed; the exit status is the number of parts
-# that failed. PARTS="attention step" runs only those. PYTHON picks the interpreter.
+# That is 8 files, what the device tool returns at most. A part that fails or overruns its cap
+# writes an error object instead and the next part runs; the budget (default 420 s, 7 min)
+# bounds the whole (python -m kronjax.bench report --help lists the parts). The exit status is
+# the number of failed parts. If .whl/ holds wheels (launch/gpu_wheels.sh, run where PyPI is
+# reachable), they are installed first into a temporary target for this run. --cpu-smoke runs
+# every part at tiny shapes on the CPU: a check of the script, no measurement.
+# PYTHON picks the interpreter (default python3).
 set -uo pipefail
-[[ $# -eq 1 && "$1" != -* ]] || { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
-out="$1"
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[[ $# -ge 1 && "${!#}" != -* ]] || usage
+out="${!#}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
-failed=0
 
-part() {  # part NAME COMMAND...: stdout to NAME.json, stderr to log.txt (and the terminal)
-  local name="$1"; shift
-  [[ " ${PARTS:-attention step step_reference_attention embed} " == *" $name "* ]] || return 0
-  echo "[gpu_report] $name: $*" >&2
-  local t0=$SECONDS
-  if "$@" > "$out/$name.json" 2> >(tee -a "$out/log.txt" >&2); then
-    echo "[gpu_report] $name done in $((SECONDS - t0)) s" >&2
-  else
-    echo "[gpu_report] $name FAILED after $((SECONDS - t0)) s (see $out/log.txt)" >&2
-    failed=$((failed + 1))
-  fi
-}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  site="${TMPDIR:-/tmp}/kronjax-wheels"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .whl/*.whl >> "$out/log.txt" 2>&1 \
+    && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
+    || echo "[gpu_report] .whl/ not installed (see log.txt); going on with this python's packages" >&2
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-{ nvidia-smi || true; "$py" -c "import jax, flax, optax; print('jax', jax.__version__, \
-'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"; } > "$out/gpu.txt" 2>&1
-part attention "$py" -m kronjax.bench attention --json
-part step bash launch/gpu_bench.sh --json
-part step_reference_attention bash launch/gpu_bench.sh --arms bpe_tied,bpe_untied --json \
-  --config.model.attention=reference
-part embed "$py" -m kronjax.bench embed --tokens 65536 --reps 10 --no-reference --json
-exit "$failed"
+{ date; nvidia-smi || echo "(no nvidia-smi)"
+  "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__)"; } > "$out/gpu.txt" 2>&1
+"$py" -m kronjax.bench report "$@" 2> >(tee -a "$out/log.txt" >&2)
+rc=$?
+wait
+exit "$rc"

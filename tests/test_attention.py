@@ -50,6 +50,28 @@ def test_splash_kernel_equals_the_reference_outputs_and_gradients() -> None:
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, rtol=1e-4)
 
 
+def test_pallas_triton_kernel_equals_the_reference_outputs_and_gradients() -> None:
+    """The GPU kernel offered beside cuDNN (Pallas' Triton flash attention), run by Pallas'
+    interpreter on CPU with blocks smaller than T (so the causal mask crosses blocks)."""
+    q, k, v = _qkv(1, 64, 2, 16, seed=5)
+    want = _numpy_attention(q, k, v)
+
+    def triton(q, k, v):  # noqa: ANN001, ANN202
+        return attention.triton_attention(q, k, v, interpret=True, block=32, bwd_block=16)
+
+    np.testing.assert_allclose(np.asarray(triton(q, k, v)), want, atol=2e-5)
+    cot = jax.random.normal(jax.random.PRNGKey(8), q.shape)
+
+    def loss(fn):  # noqa: ANN001, ANN202
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+
+    g_ref = jax.grad(loss(lambda q, k, v: causal_attention(q, k, v, jnp.float32)),
+                     (0, 1, 2))(q, k, v)
+    g_triton = jax.grad(loss(triton), (0, 1, 2))(q, k, v)
+    for a, b in zip(g_ref, g_triton):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, rtol=1e-4)
+
+
 def test_auto_on_cpu_is_the_reference_bit_for_bit() -> None:
     q, k, v = _qkv(2, 128, 4, 16, seed=3)
     fn = jax.jit(lambda q, k, v: attention.attention(q, k, v, jnp.float32))
@@ -68,11 +90,17 @@ def test_auto_on_cpu_is_the_reference_bit_for_bit() -> None:
     ("tpu", 1024, 64, jnp.bfloat16, "reference", False, "reference"),
     ("tpu", 1024, 64, jnp.bfloat16, "auto", True, "reference"),  # dropout: fused has none
     ("cuda", 1024, 64, jnp.bfloat16, "auto", False, "reference"),  # no GPU in this process
+    ("cuda", 1024, 64, jnp.bfloat16, "pallas_triton", False, "reference"),  # no GPU either
+    ("tpu", 1024, 64, jnp.bfloat16, "cudnn", False, "reference"),  # a GPU kernel on a TPU
+    ("tpu", 1024, 64, jnp.bfloat16, "pallas_triton", False, "reference"),
+    ("cpu", 1024, 64, jnp.bfloat16, "splash", False, "reference"),  # a TPU kernel on a CPU
+    ("tpu", 1024, 64, jnp.bfloat16, "splash", False, "splash"),
+    ("tpu", 1024, 64, jnp.bfloat16, "splash", True, "reference"),
 ])
 def test_kernel_choice(platform: str, t: int, k: int, dtype: object, impl: str, dropout: bool,
                        want: str) -> None:
     if platform == "cuda" and attention.gpu_present():
-        pytest.skip("a GPU is present: cuDNN would be chosen")
+        pytest.skip("a GPU is present: its kernel would be chosen (tests/test_gpu.py)")
     assert attention.kernel_for(platform, t, k, dtype, impl, dropout) == want
 
 

@@ -96,7 +96,8 @@ def test_step_in_process_json_and_table(capsys: pytest.CaptureFixture[str]) -> N
     assert mem["peak"] >= mem["temp"] >= 0 and mem["argument"] > 0
     assert kron_tied["params"]["head"] == 0 and kron_tied["params"]["input_side"] == 256 * 8 * 16
     assert "kron_tied_vs_bpe_tied_time" not in result["targets"]  # bpe_tied not timed
-    assert kron_tied["note"] == "float32; head+CE fused, 512-token chunks"  # the config's loss
+    assert kron_tied["note"] == ("float32; head+CE fused, 512-token chunks; attention reference; "
+                                 "codec on CUDA gather-sorted")  # the config's loss, kernels
 
     text = bench.format_step_table(result)
     assert text.startswith("machine: ")

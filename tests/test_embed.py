@@ -174,11 +174,14 @@ def test_embed_bytes_refuses_out_of_range_inputs(vocab: ByteVocab, mode: str) ->
 
 
 @pytest.mark.parametrize("normalise", [True, False])
-def test_tpu_one_hot_formulation_equals_the_formula(vocab: ByteVocab, normalise: bool) -> None:
-    """The TPU variant (one-hot bytes @ W on the MXU), called directly on CPU: forward and
-    backward equal the NumPy formula and the blocked CPU loops, invalid ids included."""
-    from kronjax import codec
+def test_platform_formulations_equal_the_formula(vocab: ByteVocab, normalise: bool) -> None:
+    """Each TPU and GPU formulation (one-hot matmuls at float32 or as three bf16 products;
+    the one-block gathers; sorted or plain scatter-adds), called directly on CPU: forward
+    and backward equal the NumPy formula and the blocked CPU loops, invalid ids included."""
+    from kronjax import codec, codec_kernels
 
+    kernels = {"tpu one-hot (f32 HIGHEST)": (codec_kernels.fwd_onehot, codec_kernels.bwd_onehot)}
+    kernels.update({f"cuda {form}": codec._gpu_kernels(form) for form in codec.GPU_FORMS})
     rng = np.random.default_rng(11)
     w = jnp.asarray(_params(vocab, 6, seed=12))
     ids = jnp.asarray(rng.integers(-1, 17, size=200), jnp.int32)
@@ -186,10 +189,8 @@ def test_tpu_one_hot_formulation_equals_the_formula(vocab: ByteVocab, normalise:
     rows, lengths = jnp.asarray(vocab.rows), jnp.asarray(vocab.lengths)
 
     def tokens(block: int | None) -> object:
-        return codec._Tokens(rows, lengths, ids, None, block)
+        return codec_kernels.Tokens(rows, lengths, ids, None, block)
 
-    fwd = codec._project_fwd_mxu(w, tokens(None), codec.EPS, normalise)
-    bwd = codec._project_bwd_mxu(g, tokens(None), codec.EPS, normalise)
     ok = np.asarray((ids >= 0) & (ids < 16))
     ids_ok = np.asarray(ids)[ok]
     if normalise:
@@ -199,16 +200,23 @@ def test_tpu_one_hot_formulation_equals_the_formula(vocab: ByteVocab, normalise:
         for v in range(16):
             for p in range(int(vocab.lengths[v])):
                 k[v, int(vocab.rows[v, p]) * vocab.pos_dim + p] = 1.0
-    assert np.isnan(np.asarray(fwd)[~ok]).all()
-    np.testing.assert_allclose(np.asarray(fwd)[ok], k[ids_ok] @ np.asarray(w), rtol=1e-5,
-                               atol=1e-5)
-    want = k[ids_ok].T @ np.asarray(g)[ok]
-    np.testing.assert_allclose(np.asarray(bwd), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    blocked_fwd = codec._project_fwd_impl(w, tokens(128), codec.EPS, normalise)
-    blocked_bwd = codec._project_bwd_impl(g, tokens(128), codec.EPS, normalise)
-    np.testing.assert_allclose(np.asarray(fwd)[ok], np.asarray(blocked_fwd)[ok], rtol=1e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(np.asarray(bwd), np.asarray(blocked_bwd), rtol=1e-5, atol=1e-5)
+    want_fwd = k[ids_ok] @ np.asarray(w)
+    want_bwd = k[ids_ok].T @ np.asarray(g, np.float64)[ok]
+    blocked_fwd = codec_kernels.fwd_blocked(w, tokens(128), codec_kernels.EPS, normalise)
+    blocked_bwd = codec_kernels.bwd_blocked(g, tokens(128), codec_kernels.EPS, normalise)
+    for name, (fwd_kernel, bwd_kernel) in kernels.items():
+        fwd = np.asarray(jax.jit(
+            lambda w, f=fwd_kernel: f(w, tokens(None), codec_kernels.EPS, normalise))(w))
+        bwd = np.asarray(jax.jit(
+            lambda g, f=bwd_kernel: f(g, tokens(None), codec_kernels.EPS, normalise))(g))
+        assert np.isnan(fwd[~ok]).all(), name
+        np.testing.assert_allclose(fwd[ok], want_fwd, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(bwd, want_bwd, rtol=1e-5, atol=1e-5 * np.abs(want_bwd).max(),
+                                   err_msg=name)
+        np.testing.assert_allclose(fwd[ok], np.asarray(blocked_fwd)[ok], rtol=1e-6, atol=1e-6,
+                                   err_msg=name)
+        np.testing.assert_allclose(bwd, np.asarray(blocked_bwd), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
 
 
 @pytest.mark.skipif(not __import__("kronjax.topology").topology.libtpu_available(),

@@ -7,8 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from kronjax.bench.attention import __doc__ as ATTENTION_DOC
-from kronjax.bench.attention import cmd_attention
+from kronjax.bench.attention import DEFAULT_KERNELS, cmd_attention, kernel_list
 from kronjax.bench.embed import cmd_embed
+from kronjax.bench.report import PART_NAMES, cmd_report, part_list
+from kronjax.bench.report import __doc__ as REPORT_DOC
 from kronjax.bench.step import STEP_ARMS, STEP_DOC, VOCAB_SOURCES, cmd_step
 from kronjax.bench.storage import __doc__ as STORAGE_DOC
 from kronjax.bench.storage import cmd_storage
@@ -37,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["sparse", "bytes", "dense"], help="KroneckerEmbed modes to time")
     emb.add_argument("--ref-modes", nargs="+", default=["dynamic", "cached"],
                      choices=["dynamic", "cached"])
+    emb.add_argument("--gpu-forms", type=_form_list, default=(),
+                     help="also time mode sparse with these codec forms on CUDA GPUs "
+                          "(comma-separated of kronjax.codec.GPU_FORMS, or 'all'; other "
+                          "platforms run their own kernel whatever the form)")
     emb.add_argument("--no-reference", action="store_true",
                      help="skip the PyTorch reference package even if it is installed")
     emb.add_argument("--dense-limit-gb", type=float, default=2.0,
@@ -53,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "then --config.a.b=value overrides")
     st.add_argument("--arms", type=_arm_list, default=list(STEP_ARMS),
                     help=f"comma-separated, of {','.join(STEP_ARMS)} (default: all)")
+    st.add_argument("--variant", dest="variants", action="append", type=_variant, default=[],
+                    metavar="ARM:KEY=VALUE[,KEY=VALUE]",
+                    help="one more arm with config settings of its own, named as written, e.g. "
+                         "kron:model.codec_gpu=gather-scatter (repeatable)")
     st.add_argument("--reps", type=int, default=10, help="timed rounds (after warm-up)")
     st.add_argument("--warmup", type=int, default=2, help="untimed steps per arm after compile")
     st.add_argument("--vocab-source", default="auto", choices=VOCAB_SOURCES,
@@ -81,9 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     at.add_argument("--reps", type=int, default=10, help="timed rounds (after warm-up)")
     at.add_argument("--warmup", type=int, default=2)
+    at.add_argument("--kernels", type=kernel_list, default=DEFAULT_KERNELS,
+                    help="comma-separated arms, or 'all': auto, reference, cudnn, "
+                         "pallas_triton, cudnn_bnth, mgpu (see above)")
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--json", action="store_true", help="print one JSON object")
     at.set_defaults(func=cmd_attention)
+
+    rp = sub.add_parser("report", help="every GPU measurement (tests, step, embed, attention) "
+                        "as JSON files, within a time budget", description=REPORT_DOC,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("out", help="directory for the JSON files, summary.json and log.txt")
+    rp.add_argument("--budget-s", type=float, default=420.0,
+                    help="wall-clock seconds for all parts together (default 420)")
+    rp.add_argument("--cpu-smoke", action="store_true",
+                    help="every part at tiny shapes on the CPU: checks the script, measures "
+                         "nothing")
+    rp.add_argument("--parts", type=part_list, default=None,
+                    help=f"comma-separated subset of {','.join(PART_NAMES)} (default: all)")
+    rp.set_defaults(func=cmd_report)
 
     tp = sub.add_parser("tpu", help="the step compiled for TPU slices (no TPU needed): memory "
                         "per chip, largest micro-batch, XLA cost ratios", description=TPU_DOC,
@@ -123,6 +149,30 @@ def _type_list(text: str) -> list[str]:
     if not types:
         raise argparse.ArgumentTypeError("--types needs at least one accelerator type")
     return types
+
+
+def _form_list(text: str) -> tuple[str, ...]:
+    from kronjax.codec import GPU_FORMS
+
+    if text.strip() == "all":
+        return GPU_FORMS
+    forms = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in forms if f not in GPU_FORMS]
+    if not forms or bad:
+        raise argparse.ArgumentTypeError(f"GPU forms must be 'all' or a comma-separated list "
+                                         f"of {', '.join(GPU_FORMS)}; got {text!r}")
+    return forms
+
+
+def _variant(text: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """"ARM:KEY=VALUE[,KEY=VALUE]" -> (the text as the arm's name, ARM, [(KEY, VALUE)])."""
+    arm, _, rest = text.partition(":")
+    pairs = [p.partition("=") for p in rest.split(",") if p.strip()]
+    if arm not in STEP_ARMS or not pairs or any(not k.strip() or not eq for k, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(
+            f"a variant is ARM:KEY=VALUE[,KEY=VALUE] with ARM one of {', '.join(STEP_ARMS)}; "
+            f"got {text!r}")
+    return text, arm, [(k.strip(), v.strip()) for k, _, v in pairs]
 
 
 def _arm_list(text: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -49,7 +50,8 @@ def byte_vocab(enc: Any, vocab: int, pos_dim: int) -> Any:
 
 
 def _jax_embed_arms(ids_np: np.ndarray, vocab: Any, d_model: int, g_np: np.ndarray,
-                    dense_limit: float, modes: Sequence[str]) -> tuple[list[Arm], np.ndarray]:
+                    dense_limit: float, modes: Sequence[str], gpu_forms: Sequence[str] = ()
+                    ) -> tuple[list[Arm], np.ndarray]:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -92,13 +94,20 @@ def _jax_embed_arms(ids_np: np.ndarray, vocab: Any, d_model: int, g_np: np.ndarr
             arms.append(jax_arm("kron dense", dense_loss, w, ids, g, table,
                                 note=f"table[ids] @ W, the {nbytes / 2**20:.0f} MiB table a jit arg"))
             continue
-        module = KroneckerEmbed(vocab, d_model, mode=mode)
+        # "auto" is the default form; others only where they differ from it
+        forms = ["auto", *(f for f in gpu_forms if f != codec.GPU_DEFAULT and mode == "sparse")]
+        for form in dict.fromkeys(forms):
+            module = KroneckerEmbed(vocab, d_model, mode=mode, gpu_codec=form)
 
-        def kron_loss(p: jax.Array, ids: jax.Array, g: jax.Array, module=module) -> jax.Array:
-            return jnp.sum(module.apply({"params": {"projection": p}}, ids) * g)
+            def kron_loss(p: jax.Array, ids: jax.Array, g: jax.Array,
+                          module=module) -> jax.Array:
+                return jnp.sum(module.apply({"params": {"projection": p}}, ids) * g)
 
-        arms.append(jax_arm(f"kron {mode}", kron_loss, w, ids, g,
-                            note="closed form" if mode == "sparse" else "codec recomputed, N x C"))
+            note = "closed form" if mode == "sparse" else "codec recomputed, N x C"
+            if mode == "sparse":
+                note += f"; GPU form {codec.resolve_gpu_form(form)}"
+            arms.append(jax_arm(f"kron {mode}" + ("" if form == "auto" else f" {form}"),
+                                kron_loss, w, ids, g, note=note))
     return arms, np.asarray(w)
 
 
@@ -149,7 +158,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     g = np.random.default_rng(args.seed).standard_normal((args.tokens, args.d_model)
                                                          ).astype(np.float32)
     arms, w = _jax_embed_arms(ids, vocab, args.d_model, g, args.dense_limit_gb * 2**30,
-                              args.modes)
+                              args.modes, getattr(args, "gpu_forms", ()))
     ref_modes = [] if args.no_reference else args.ref_modes
     arms += _reference_arms(ids, vocab, args.d_model, g, w, ref_modes)
     slow_reps = min(args.reps, args.slow_reps)
@@ -170,6 +179,8 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
                    "pos_dim": args.pos_dim, "codec_dim": vocab.codec_dim, "reps": args.reps,
                    "slow_reps": slow_reps, "warmup": args.warmup, "corpus": args.corpus,
                    "tokenizer": args.tokenizer, "unique_ids": int(np.unique(ids).size),
+                   "gpu_forms": list(getattr(args, "gpu_forms", ())),
+                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                    "mean_token_bytes": float(np.asarray(vocab.lengths)[ids].mean()),
                    "loss": "sum(embed(ids) * g), value_and_grad w.r.t. params",
                    "timing": "interleaved rounds after warm-up; ratios = time(arm)/time(base)"},

@@ -104,20 +104,29 @@ def _step_vocab(cfg: Any, source: str, vocab_size: int | None
 
 
 def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
-                 inputs_BxT: np.ndarray, targets_BxT: np.ndarray) -> StepArm:
-    """kronjax.train's own jitted step (mesh plan, donated state, the configured AdamW)."""
+                 inputs_BxT: np.ndarray, targets_BxT: np.ndarray,
+                 overrides: Sequence[tuple[str, str]] = (), label: str | None = None
+                 ) -> StepArm:
+    """kronjax.train's own jitted step (mesh plan, donated state, the configured AdamW).
+
+    overrides: config settings of this arm alone (a variant, named `label`)."""
     import functools
 
     import jax
 
+    from kronjax import attention
+    from kronjax import config as config_lib
     from kronjax import mesh as mesh_lib
     from kronjax import optim
     from kronjax import run as run_lib
     from kronjax import step as step_lib
+    from kronjax.codec import resolve_gpu_form
     from kronjax.model import flops_per_token, n_params_nonembedding, param_counts
 
     c = cfg.copy_and_resolve_references()
     c.model.arm = arm
+    for key, value in overrides:
+        config_lib.apply_override(c, key, value)
     model = run_lib.build_model(c, n_tok, vocab_fn)
     mcfg = model.config
     tx, schedule = optim.from_config(c)
@@ -134,7 +143,12 @@ def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
     fpt = flops_per_token(mcfg, n_params_nonembedding(state["params"], mcfg))
     loss = (f"head+CE fused, {plan.ce_chunk}-token chunks" if plan.ce_chunk
             else "logits materialised")
-    result = StepArm(arm, lambda: None, note=f"{mcfg.dtype.name}; {loss}",
+    kernel = attention.kernel_for(jax.devices()[0].platform, mcfg.block_size, mcfg.head_dim,
+                                  mcfg.dtype, mcfg.attention, mcfg.dropout > 0)
+    parts = [mcfg.dtype.name, loss, f"attention {kernel}"]
+    if mcfg.is_kron and mcfg.kron_mode == "sparse":
+        parts.append(f"codec on CUDA {resolve_gpu_form(mcfg.codec_gpu)}")
+    result = StepArm(label or arm, lambda: None, note="; ".join(parts),
                      tokens=int(inputs_BxT.size),
                      flops_per_token=float(fpt), params=counts,
                      memory=memory_stats(compiled))
@@ -166,6 +180,8 @@ def run_step(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> 
     inputs, targets = ids[:, :-1], ids[:, 1:]
     arms: list[StepArm] = [jax_step_arm(cfg, a, n_tok, vocab_fn, inputs, targets)
                            for a in args.arms]
+    arms += [jax_step_arm(cfg, arm, n_tok, vocab_fn, inputs, targets, settings, label)
+             for label, arm, settings in getattr(args, "variants", [])]
     if args.torch:
         from kronjax.bench.torch_step import torch_step_arms  # imports torch
         from kronjax.run import model_config
@@ -198,6 +214,7 @@ def run_step(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> 
     return {
         "benchmark": "step", "machine": info,
         "config": {"config": args.config, "overrides": [f"{k}={v}" for k, v in overrides],
+                   "variants": [label for label, _, _ in getattr(args, "variants", [])],
                    "batch_size": b, "grad_accum": int(cfg.train.grad_accum), "seq_len": t,
                    "n_layer": int(cfg.model.n_layer), "n_head": int(cfg.model.n_head),
                    "n_embd": int(cfg.model.n_embd), "dtype": str(cfg.model.dtype),
