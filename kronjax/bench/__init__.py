@@ -25,9 +25,10 @@ time(arm) / time(baseline): below 1 is faster.
     python -m kronjax.bench attention [--batch 16] [--seq 1024] [--heads 12] [--head-dim 64]
     python -m kronjax.bench tpu [--config FILE] [--types v4-8,...] [--arms ...] [--json]
     python -m kronjax.bench storage --url gs://BUCKET/PREFIX [--config FILE] [--reps 3]
+    python -m kronjax.bench report OUTDIR   (every GPU measurement: launch/gpu_report.sh)
 
 Modules: timing (machine, interleaved rounds, memory), embed, step, torch_step (nanoGPT in
-PyTorch), attention, tpu, storage, cli.
+PyTorch), attention, tpu, storage, report, cli.
 """
 
 from kronjax.bench.cli import build_parser, main
