@@ -71,18 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.mesh.fsdp = 1
     cfg.mesh.tensor = 1
     cfg.mesh.vocab_parallel_ce = "auto"   # auto (when tensor > 1) | True | False: shard_map CE
-    # Logical axis -> mesh axes ("" = replicated, "data,fsdp" = both); kronjax.mesh
-    # DEFAULT_RULES for the names not listed; e.g. --config.mesh.rules.codec=""
+    # Logical axis -> mesh axes, only where a config changes kronjax.mesh.DEFAULT_RULES
+    # ("" = replicated, "data,fsdp" = both); e.g. --config.mesh.rules.codec=""
     cfg.mesh.rules = ml_collections.ConfigDict()
-    cfg.mesh.rules.batch = "data,fsdp"
-    cfg.mesh.rules.vocab = "tensor"
-    cfg.mesh.rules.heads = "tensor"
-    cfg.mesh.rules.mlp = "tensor"
-    cfg.mesh.rules.kv = ""
-    cfg.mesh.rules.codec = "fsdp"
-    cfg.mesh.rules.embed = "fsdp"
-    cfg.mesh.rules.position = ""
-    cfg.mesh.rules.norm = ""
 
     # Multi-host: jax.distributed.initialize. auto = when launch/local.sh's KRONJAX_* variables,
     # a multi-task srun or a multi-host TPU slice is detected; on = always (--distributed).

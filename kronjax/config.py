@@ -1,7 +1,12 @@
-"""Config files (ml_collections ConfigDict) with `--config.a.b=value` overrides.
+"""Configs: files with `--config.a.b=value` overrides, the checks a run needs, their record.
 
-An unknown key is an error naming it and the nearest valid keys: a typo in a long sweep
-must not silently train the default.
+  - loading: a config file's get_config() (ml_collections), overrides keeping each field's
+    type; an unknown key is an error naming the nearest valid keys (a typo in a long sweep
+    must not silently train the default);
+  - checking: settings a run cannot use (a count < 1, a batch grad_accum does not divide),
+    refused once, here, before anything is prepared or compiled;
+  - recording: config.json and config_history.jsonl in the workdir, and which settings a
+    resume changed.
 """
 
 from __future__ import annotations
@@ -63,9 +68,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# Sections whose keys a config lists only where it changes a default table, so an override
+# may add a key there (kronjax.mesh checks the name: a logical axis).
+OPEN_SECTIONS = ("mesh.rules",)
+
+
 def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     """Set cfg[key] (dotted) from a command-line string, keeping the field's type."""
     valid = flat_keys(cfg)
+    section, _, name = key.rpartition(".")
+    if key not in valid and section in OPEN_SECTIONS and "." not in name and \
+            _lookup(cfg, section) is not None:
+        _lookup(cfg, section)[name] = text
+        return
     if key not in valid:
         near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
@@ -143,6 +158,11 @@ def check_run_config(cfg: ml_collections.ConfigDict) -> None:
     b, a = int(cfg.train.batch_size), int(cfg.train.grad_accum)
     if b % a:
         raise ConfigError(f"train.batch_size {b} is not divisible by train.grad_accum {a}")
+
+
+def section(cfg: ml_collections.ConfigDict, name: str) -> Any:
+    """A config section, or an empty dict for configs written before it existed."""
+    return cfg.get(name) or {}
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

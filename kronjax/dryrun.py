@@ -25,7 +25,6 @@ from kronjax import topology as topology_lib
 from kronjax.attention import kernel_for
 from kronjax.model import param_counts
 from kronjax.step import table_once_per_step
-from kronjax.data.tokenizers import load_tokenizer
 
 
 class DryRunError(RuntimeError):
@@ -34,30 +33,14 @@ class DryRunError(RuntimeError):
 
 def dry_run_vocab(cfg: ml_collections.ConfigDict, vocab_size: int | None = None
                   ) -> tuple[int, run_lib.VocabFn, str]:
-    """(tokenizer vocab size, pos_dim -> ByteVocab, where they came from) without the data.
-
-    The real tokenizer when it loads (prepared data dir, or the named encoding); otherwise a
-    SYNTHETIC vocabulary of the right size, which compiles the same program.
-    """
-    spec = str(cfg.data.tokenizer)
-    if vocab_size:
-        return (vocab_size, lambda p: run_lib.synthetic_vocab(vocab_size, p),
-                f"SYNTHETIC vocabulary of {vocab_size} ids (--vocab_size)")
-    reason = ""
+    """kronjax.run.resolve_vocab for a dry run: the real tokenizer when it can be had (the
+    prepared data, or the named encoding), else a SYNTHETIC vocabulary of the right size,
+    which compiles the same program (one gather per byte)."""
     try:
-        if (prepared := run_lib.prepared_vocab(cfg)) is not None:
-            return prepared
-        if spec != "sentencepiece":
-            tok = load_tokenizer(spec)
-            return tok.vocab_size, tok.byte_vocab, spec
-        reason = "the sentencepiece model is trained when the data is prepared"
-    except Exception as e:  # noqa: BLE001 - any load failure: fall back, clearly labelled
-        if spec not in run_lib.KNOWN_VOCAB_SIZES:
-            raise DryRunError(f"dry run: cannot load tokenizer {spec!r} ({e}); pass "
-                               "--vocab_size N to compile with a synthetic vocabulary") from e
-        reason = f"{spec} cannot be loaded here: {type(e).__name__}"
-    n = run_lib.tokenizer_vocab_size(cfg)
-    return n, lambda p: run_lib.synthetic_vocab(n, p), f"SYNTHETIC vocabulary of {n} ids ({reason})"
+        return run_lib.resolve_vocab(cfg, "auto", vocab_size=vocab_size, stand_in="synthetic")
+    except ValueError as e:
+        raise DryRunError(f"dry run: {e} (--vocab_size N compiles with a synthetic "
+                          "vocabulary)") from e
 
 
 def _gib(n: float) -> str:

@@ -18,15 +18,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from kronjax import checkpoint as ckpt
+from kronjax import cluster
 from kronjax import console
-from kronjax import mesh as mesh_lib
 from kronjax import metrics as metrics_lib
 from kronjax import run as run_lib
+from kronjax import signals
 from kronjax import storage
 from kronjax.lock import workdir_lock
-from kronjax.model import n_params_nonembedding, param_counts
-from kronjax.step import split_micro
+from kronjax.model import flops_per_token, n_params_nonembedding, param_counts
 from kronjax.workdir import Workdir
 
 log = logging.getLogger("kronjax.loop")
@@ -59,13 +58,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path | Workdir, *,
     wd = Workdir.at(workdir)  # gs:// URLs are checked here, before anything is written
     if storage.is_url(str(cfg.data.get("dir", "") or "")):
         storage.as_path(str(cfg.data.dir))
-    run_lib.distributed_from_config(cfg)
+    cluster.distributed_from_config(cfg)
     # Process 0 holds the workdir's lock for the whole run (the others write nothing of theirs).
     with workdir_lock(wd) if jax.process_index() == 0 else contextlib.nullcontext() as lock:
         held = lock.check if lock is not None else (lambda: None)
         if stop is not None:
             return _train(run_lib.assemble(cfg, wd), stop, held)
-        flag = ckpt.install_sigterm_handler()
+        flag = signals.install_sigterm_handler()
         try:
             return _train(run_lib.assemble(cfg, wd), flag, held)
         finally:
@@ -75,12 +74,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path | Workdir, *,
 def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None]) -> RunResult:
     cfg, plan, state, checkpointer = run.cfg, run.plan, run.state, run.checkpointer
     mcfg = run.model.config
-    steps, n_micro = int(cfg.train.steps), int(cfg.train.grad_accum)
+    steps = int(cfg.train.steps)
     counts = param_counts(state["params"], mcfg)
     log.info("params: %s total (input side %s, output head %s, rest %s)",
              *(f"{counts[k]:,}" for k in ("total", "input_side", "head", "rest")))
-    fpt = metrics_lib.flops_per_token(n_params_nonembedding(state["params"], mcfg),
-                                      mcfg.n_layer, mcfg.n_head, mcfg.head_dim, mcfg.block_size)
+    fpt = flops_per_token(mcfg, n_params_nonembedding(state["params"], mcfg))
     peak = metrics_lib.device_peak_flops()
     writer = metrics_lib.MetricsWriter(run.workdir, is_main=run.is_main, total_steps=steps,
                                        progress=run.progress, initial_step=int(state["step"]))
@@ -89,8 +87,7 @@ def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None])
 
     step_fn = plan.step_fn(run.model, run.tx, run.schedule)
     eval_fn = plan.eval_fn(run.model)
-    rng = jax.jit(lambda: jax.random.key(int(cfg.seed) + 1),  # a global array, every process
-                  out_shardings=mesh_lib.replicated(plan.mesh))()
+    rng = plan.key(int(cfg.seed) + 1)
     tokens_per_step = int(cfg.train.batch_size) * mcfg.block_size
     step = int(state["step"])
     last_loss, val_loss, val_bpb, preempted = float("nan"), None, None, False
@@ -99,8 +96,7 @@ def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None])
     clock, first = console.StepClock(), step + 1
     try:
         while step < steps:
-            batch = mesh_lib.global_batch(split_micro(next(run.data_iter), n_micro),
-                                          plan.micro_sh, plan.micro_shape)
+            batch = plan.place(next(run.data_iter))
             state, m = step_fn(state, batch, rng)
             step += 1
             held()  # another trainer took a bucket lock over: stop before writing anything

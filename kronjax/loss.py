@@ -9,7 +9,7 @@ The unfused loss writes the B x T x V logits, reads them back for the softmax, w
 gradient and reads that twice more for the two backward matmuls (for GPT-2 124M on one GPU,
 a 64 x 1024 micro-batch at V 50304, the float32 logits alone are 13 GB; what fusing saves
 on CPU is in docs/performance.md). Here the
-positions go through in chunks of B x tc tokens (a few MB of logits each), and the forward
+positions go through in J chunks of B x c tokens (a few MB of logits each), and the forward
 pass also computes the gradients: softmax(logits) - onehot(target) is consumed at once by
 the two matmuls that give d hidden and d head. Nothing of size V per token outlives a chunk.
 
@@ -60,21 +60,21 @@ def chunk_positions(batch: int, seq_len: int, chunk_tokens: int) -> int:
     return max(d for d in range(1, want + 1) if seq_len % d == 0)
 
 
-def _chunks(x_BxTx: jax.Array, tc: int) -> jax.Array:
-    """(B, T, ...) -> (T/tc, B, tc, ...): the scan runs over position chunks, so a batch axis
-    sharded over devices stays sharded (it is never the scanned axis)."""
+def _chunks(x_BxTx: jax.Array, c: int) -> jax.Array:
+    """(B, T, ...) -> (J, B, c, ...), J = T / c: the scan runs over position chunks, so a
+    batch axis sharded over devices stays sharded (it is never the scanned axis)."""
     b, t = x_BxTx.shape[:2]
-    return jnp.moveaxis(x_BxTx.reshape((b, t // tc, tc) + x_BxTx.shape[2:]), 1, 0)
+    return jnp.moveaxis(x_BxTx.reshape((b, t // c, c) + x_BxTx.shape[2:]), 1, 0)
 
 
-def _unchunk(x_CxBxtcx: jax.Array) -> jax.Array:
-    n, b, tc = x_CxBxtcx.shape[:3]
-    return jnp.moveaxis(x_CxBxtcx, 0, 1).reshape((b, n * tc) + x_CxBxtcx.shape[3:])
+def _unchunk(x_JxBxcx: jax.Array) -> jax.Array:
+    j, b, c = x_JxBxcx.shape[:3]
+    return jnp.moveaxis(x_JxBxcx, 0, 1).reshape((b, j * c) + x_JxBxcx.shape[3:])
 
 
-def _chunk_logits(h_BxtcxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
-    b, tc, d = h_BxtcxD.shape
-    return jnp.dot(h_BxtcxD.reshape((b * tc, d)), w_DxV, preferred_element_type=jnp.float32)
+def _chunk_logits(h_BxcxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
+    b, c, d = h_BxcxD.shape
+    return jnp.dot(h_BxcxD.reshape((b * c, d)), w_DxV, preferred_element_type=jnp.float32)
 
 
 def _lse_and_target(logits_NxV: jax.Array, t_N: jax.Array
@@ -91,19 +91,19 @@ def _lse_and_target(logits_NxV: jax.Array, t_N: jax.Array
     return e_NxV, s_N, m_N + jnp.log(s_N), picked_N
 
 
-def _loss_only(h_BxTxD: jax.Array, w_DxV: jax.Array, t_BxT: jax.Array, tc: int) -> jax.Array:
+def _loss_only(h_BxTxD: jax.Array, w_DxV: jax.Array, t_BxT: jax.Array, c: int) -> jax.Array:
     def body(total: jax.Array, xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-        h_BxtcxD, t_Bxtc = xs
-        _, _, lse_N, picked_N = _lse_and_target(_chunk_logits(h_BxtcxD, w_DxV),
-                                                t_Bxtc.reshape(-1))
+        h_BxcxD, t_Bxc = xs
+        _, _, lse_N, picked_N = _lse_and_target(_chunk_logits(h_BxcxD, w_DxV),
+                                                t_Bxc.reshape(-1))
         return total + jnp.sum(lse_N - picked_N), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (_chunks(h_BxTxD, tc), _chunks(t_BxT, tc)))
+                            (_chunks(h_BxTxD, c), _chunks(t_BxT, c)))
     return total / t_BxT.size
 
 
-def _loss_and_grads(h_BxTxD: jax.Array, w_DxV: jax.Array, t_BxT: jax.Array, tc: int
+def _loss_and_grads(h_BxTxD: jax.Array, w_DxV: jax.Array, t_BxT: jax.Array, c: int
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean loss, d loss / d h (h's dtype) and d loss / d w (float32), chunk by chunk."""
     n_tokens = t_BxT.size
@@ -112,38 +112,38 @@ def _loss_and_grads(h_BxTxD: jax.Array, w_DxV: jax.Array, t_BxT: jax.Array, tc: 
     def body(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, jax.Array]
              ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
         total, dw_DxV = carry
-        h_BxtcxD, t_Bxtc = xs
-        b, tc_, d = h_BxtcxD.shape
-        t_N = t_Bxtc.reshape(-1)
-        logits_NxV = _chunk_logits(h_BxtcxD, w_DxV)
+        h_BxcxD, t_Bxc = xs
+        b, tc_, d = h_BxcxD.shape
+        t_N = t_Bxc.reshape(-1)
+        logits_NxV = _chunk_logits(h_BxcxD, w_DxV)
         e_NxV, s_N, lse_N, picked_N = _lse_and_target(logits_NxV, t_N)
         # d mean-loss / d logits = (softmax - onehot) / n_tokens, built in one fused pass
         hit_NxV = jnp.arange(logits_NxV.shape[-1])[None, :] == t_N[:, None]
         g_NxV = ((e_NxV * (1.0 / s_N)[:, None] - hit_NxV) * (1.0 / n_tokens)
-                 ).astype(h_BxtcxD.dtype)
-        h_NxD = h_BxtcxD.reshape((b * tc_, d))
+                 ).astype(h_BxcxD.dtype)
+        h_NxD = h_BxcxD.reshape((b * tc_, d))
         dh_NxD = jnp.dot(g_NxV, w_VxD, preferred_element_type=jnp.float32)
         dw_DxV = dw_DxV + jnp.dot(h_NxD.T, g_NxV, preferred_element_type=jnp.float32)
         total = total + jnp.sum(lse_N - picked_N)
-        return (total, dw_DxV), dh_NxD.astype(h_BxtcxD.dtype).reshape((b, tc_, d))
+        return (total, dw_DxV), dh_NxD.astype(h_BxcxD.dtype).reshape((b, tc_, d))
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w_DxV.shape, jnp.float32))
     (total, dw_DxV), dh_chunks = jax.lax.scan(body, init,
-                                              (_chunks(h_BxTxD, tc), _chunks(t_BxT, tc)))
+                                              (_chunks(h_BxTxD, c), _chunks(t_BxT, c)))
     return total / n_tokens, _unchunk(dh_chunks), dw_DxV
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(h_BxTxD: jax.Array, w_DxV: jax.Array, t_BxT: jax.Array, tc: int) -> jax.Array:
-    return _loss_only(h_BxTxD, w_DxV, t_BxT, tc)
+def _fused(h_BxTxD: jax.Array, w_DxV: jax.Array, t_BxT: jax.Array, c: int) -> jax.Array:
+    return _loss_only(h_BxTxD, w_DxV, t_BxT, c)
 
 
-def _fused_fwd(h_BxTxD, w_DxV, t_BxT, tc):
-    loss, dh, dw = _loss_and_grads(h_BxTxD, w_DxV, t_BxT, tc)
+def _fused_fwd(h_BxTxD, w_DxV, t_BxT, c):
+    loss, dh, dw = _loss_and_grads(h_BxTxD, w_DxV, t_BxT, c)
     return loss, (dh, dw.astype(w_DxV.dtype), t_BxT)
 
 
-def _fused_bwd(tc, res, g):
+def _fused_bwd(c, res, g):
     dh, dw, t_BxT = res
     # integer targets take a float0 cotangent
     d_targets = np.zeros(t_BxT.shape, jax.dtypes.float0)
@@ -173,5 +173,5 @@ def fused_cross_entropy(h_BxTxD: jax.Array, head: jax.Array, targets_BxT: jax.Ar
                          f"(vocab_major={vocab_major})")
     dtype = dtype or h_BxTxD.dtype
     b, t = targets_BxT.shape
-    tc = chunk_positions(b, t, chunk_tokens)
-    return _fused(h_BxTxD.astype(dtype), w_DxV.astype(dtype), targets_BxT.astype(jnp.int32), tc)
+    c = chunk_positions(b, t, chunk_tokens)
+    return _fused(h_BxTxD.astype(dtype), w_DxV.astype(dtype), targets_BxT.astype(jnp.int32), c)

@@ -105,7 +105,7 @@ def make_rules(overrides: Mapping[str, Any] | None = None) -> Rules:
     overrides = dict(overrides or {})
     valid = (BATCH,) + LOGICAL_AXES
     if unknown := sorted(set(overrides) - set(valid)):
-        raise ValueError(f"unknown logical axis names {unknown} in mesh.rules; valid: {valid}")
+        raise UserError(f"unknown logical axis names {unknown} in mesh.rules; valid: {valid}")
     return tuple((name, _as_axes(overrides[name], name) if name in overrides else axes)
                  for name, axes in DEFAULT_RULES)
 

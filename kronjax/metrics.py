@@ -42,7 +42,6 @@ __all__ = [
     "MetricsWriter",
     "Throughput",
     "device_peak_flops",
-    "flops_per_token",
     "mfu",
     "read_metrics",
 ]
@@ -79,21 +78,6 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
         if name.lower() in kind:
             return peak
     return None
-
-
-def flops_per_token(
-    n_params_nonembedding: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int
-) -> float:
-    """Training FLOPs per token, PaLM appendix B / nanoGPT: 6N + 12*L*H*Q*T.
-
-    6N covers forward and backward matmuls through the weights; the second term
-    is attention's score and value matmuls, which carry no parameters.
-    """
-    for name, v in dict(n_params_nonembedding=n_params_nonembedding, n_layers=n_layers,
-                        n_heads=n_heads, head_dim=head_dim, seq_len=seq_len).items():
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    return 6.0 * n_params_nonembedding + 12.0 * n_layers * n_heads * head_dim * seq_len
 
 
 def mfu(

@@ -5,7 +5,9 @@ Shape letters, the one table for array names across the package (`ids_BxT`, `x_B
   B batch, T sequence (<= block_size), D model width (n_embd), H heads, K head dim (D / H),
   V vocabulary, F MLP hidden (4 D), P pos_dim, C codec width (256 * P), 256 byte values
   (W viewed as 256 x P x D), A micro-batches per step, N tokens flattened, M tokens in one
-  block of the codec's fused loops, Q / S query / key positions in attention.
+  block of the codec's fused loops, Q / S query / key positions in attention, J position
+  chunks of the fused head + loss (kronjax.loss) of c positions each, v the slice of V one
+  device holds (vocabulary-parallel loss).
 
 Activation shardings: kronjax.mesh.activation_interceptor, installed by the train step
 (step.loss_fn's `interceptor`), pins the output of `embed` and of every `Block` to
@@ -38,6 +40,7 @@ import numpy as np
 from kronjax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS, AttentionCore
 from kronjax.codec import resolve_gpu_form
 from kronjax.embed import MODES, ByteOverride, KroneckerEmbed
+from kronjax.errors import UserError
 from kronjax.layers import INIT_STD, LN_EPS, LayerNorm, Linear, gelu, partitioned
 from kronjax.loss import fused_cross_entropy
 from kronjax.vocab import ByteVocab
@@ -118,6 +121,12 @@ class GPTConfig:
     @property
     def is_kron(self) -> bool:
         return self.arm.startswith("kron")
+
+    def require_kron(self, what: str = "a byte override") -> None:
+        """The one refusal of what only the codec can do (embed a word from its bytes)."""
+        if not self.is_kron:
+            raise UserError(f"{what} needs a Kronecker arm (a kron arm: kron or kron_tied); "
+                            f"this run's arm is {self.arm}")
 
     @property
     def is_tied(self) -> bool:
@@ -282,7 +291,7 @@ class GPT(nn.Module):
             tok_BxTxD = self.kron(ids_BxT, override=override)
         else:
             if override is not None:
-                raise ValueError(f"byte overrides need a kron arm; arm is {c.arm!r}")
+                c.require_kron()
             tok_BxTxD = self.wte(ids_BxT)
         x_BxTxD = tok_BxTxD.astype(c.dtype) + self.wpe(jnp.arange(t))
         return self.drop(x_BxTxD, deterministic=not train)
@@ -412,6 +421,13 @@ def n_params_nonembedding(params: Mapping[str, Any], config: GPTConfig) -> int:
 
 
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: Optional[int] = None) -> int:
-    """Training flops per token, nanoGPT/PaLM: 6 N + 12 L H K T (forward + backward)."""
+    """Training flops per token, nanoGPT / PaLM appendix B: 6 N + 12 n_layer H K T.
+
+    6N covers forward and backward matmuls through the weights (N: n_params_nonembedding);
+    the second term is attention's score and value matmuls, which carry no parameters. The
+    one formula of the package: the loop's MFU and the benchmarks' use it.
+    """
     t = config.block_size if seq_len is None else seq_len
+    if n_params < 0 or t < 0:
+        raise ValueError(f"n_params and seq_len must be >= 0; got {n_params}, {t}")
     return 6 * n_params + 12 * config.n_layer * config.n_head * config.head_dim * t

@@ -1,7 +1,8 @@
 """Stop signals: SIGTERM / SIGINT become a flag the train loop polls, so it saves and exits 0.
 
-`install_sigterm_handler` (re-exported by `kronjax.checkpoint`) installs `StopFlag` in a
-single process; under jax.distributed it leaves SIGTERM to JAX's preemption sync point.
+`install_sigterm_handler` installs `StopFlag` in a single process; under jax.distributed it
+leaves SIGTERM to JAX's preemption sync point (`Checkpointer.reached_preemption`). The train
+loop (kronjax.loop) owns stopping; the checkpoint is what a stop saves.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 
 __all__ = ["StopFlag", "install_sigterm_handler"]
 
-log = logging.getLogger("kronjax.checkpoint")
+log = logging.getLogger("kronjax.signals")
 
 
 class StopFlag:

@@ -139,7 +139,7 @@ def upload(local: Path, remote: AnyPath) -> None:
         with open(local, "rb") as f:
             write_bytes(remote, f.read())
         return
-    _fs(remote).put_file(str(local), os.fspath(remote))
+    filesystem(remote).put_file(str(local), os.fspath(remote))
 
 
 def download(remote: AnyPath, local: Path) -> None:
@@ -151,7 +151,7 @@ def download(remote: AnyPath, local: Path) -> None:
         if not is_url(remote):
             shutil.copyfile(remote, tmp)
         else:
-            _fs(remote).get_file(os.fspath(remote), tmp)
+            filesystem(remote).get_file(os.fspath(remote), tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, local)
     finally:
@@ -164,11 +164,11 @@ def move(src: AnyPath, dst: AnyPath) -> None:
     if not is_url(src) and not is_url(dst):
         Path(src).rename(dst)
     else:
-        _fs(src).mv(os.fspath(src), os.fspath(dst), recursive=True)
+        filesystem(src).mv(os.fspath(src), os.fspath(dst), recursive=True)
 
 
 # -- generation preconditions (Cloud Storage) -----------------------------------------------
-def _fs(remote: AnyPath) -> Any:
+def filesystem(remote: AnyPath) -> Any:
     import fsspec
 
     configure_emulator()
@@ -181,7 +181,7 @@ def _bucket_key(remote: AnyPath) -> tuple[str, str]:
 
 
 def _upload(remote: AnyPath, data: bytes, generation: int) -> int:
-    fs = _fs(remote)
+    fs = filesystem(remote)
     bucket, key = _bucket_key(remote)
     out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o",
                   uploadType="media", name=key, ifGenerationMatch=str(generation),
@@ -205,7 +205,7 @@ def replace_object(remote: AnyPath, data: bytes, generation: int) -> int:
 
 def read_object(remote: AnyPath) -> tuple[bytes, int] | None:
     """(content, generation) of `remote`, or None if there is no such object."""
-    fs = _fs(remote)
+    fs = filesystem(remote)
     bucket, key = _bucket_key(remote)
     try:
         meta = fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
@@ -218,7 +218,7 @@ def read_object(remote: AnyPath) -> tuple[bytes, int] | None:
 
 def delete_object(remote: AnyPath, generation: int) -> bool:
     """Delete `remote` only if it is still at `generation`; False if it changed or is gone."""
-    fs = _fs(remote)
+    fs = filesystem(remote)
     bucket, key = _bucket_key(remote)
     try:
         fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(generation))

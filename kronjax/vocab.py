@@ -225,3 +225,37 @@ class ByteVocab:
 def _is_user_defined(processor: Any, i: int) -> bool:
     fn = getattr(processor, "is_user_defined", None)
     return bool(fn(i)) if fn is not None else False
+
+
+# Byte-length histogram (1, 2, ..., 15, 16+ bytes) of the first 50257 cl100k_base tokens: a
+# realistic BPE vocabulary's, for the synthetic stand-in when no tokenizer is at hand.
+BPE_LENGTH_HIST = (0.0051, 0.0569, 0.1464, 0.1602, 0.1527, 0.1262, 0.1085, 0.0830, 0.0594,
+                   0.0388, 0.0256, 0.0153, 0.0080, 0.0049, 0.0024, 0.0067)
+
+
+def synthetic_vocab(n: int, pos_dim: int, seed: int = 0) -> ByteVocab:
+    """A stand-in of n ids: random printable-ASCII bytes whose lengths follow BPE_LENGTH_HIST.
+
+    For compiling and timing only, never for training: the closed form's cost depends on the
+    lengths (one gather per byte), not on which bytes. The 16+ bin is 16 bytes.
+    """
+    rng = np.random.default_rng(seed)
+    p = np.asarray(BPE_LENGTH_HIST, np.float64)
+    lengths = rng.choice(np.arange(1, len(p) + 1), size=n, p=p / p.sum())
+    tokens = [bytes(rng.integers(32, 127, size=int(k)).astype(np.uint8)) for k in lengths]
+    return ByteVocab.from_bytes(tokens, pos_dim, source=f"synthetic-bpe-lengths[{n}]")
+
+
+def tiktoken_prefix_vocab(encoding: Any, n: int, pos_dim: int) -> ByteVocab:
+    """The first n ids of a tiktoken encoding (padded with empty ids past its end): a stand-in
+    of n real BPE tokens for benchmarks and dry runs when the configured tokenizer is not here."""
+    if n >= encoding.n_vocab:
+        return ByteVocab.from_tiktoken(encoding, pos_dim).pad_to(n)
+    tokens: list[bytes | None] = []
+    for i in range(n):
+        try:
+            tokens.append(encoding.decode_single_token_bytes(i))
+        except KeyError:
+            tokens.append(None)
+    return ByteVocab.from_bytes(tokens, pos_dim, source=f"tiktoken:{encoding.name}[:{n}]")
+

@@ -48,9 +48,9 @@ def cl100k():
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs/tiny.py's data (pydoc, a 512-piece sentencepiece), prepared once per session."""
     from kronjax import config as config_lib
-    from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
 
     d = tmp_path_factory.mktemp("data") / "pydoc"
     cfg = config_lib.build_config(config_lib.REPO_CONFIGS / "tiny.py", [("data.dir", str(d))])
-    run_lib.ensure_data(cfg, progress=False)
+    data_cache.ensure_data(cfg, progress=False)
     return d

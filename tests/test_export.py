@@ -23,9 +23,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tiny_runs  # noqa: E402
-from kronjax import export, export_hf, export_nanogpt  # noqa: E402
+from kronjax.export import cli as export_cli  # noqa: E402
+from kronjax.export import hf as export_hf  # noqa: E402
+from kronjax.export import nanogpt as export_nanogpt  # noqa: E402
 from kronjax.probes.generation import SLOT, load_prompts  # noqa: E402
-from kronjax.sample import Loaded, generate, load_run  # noqa: E402
+from kronjax.generate import generate  # noqa: E402
+from kronjax.run import Loaded, load_run  # noqa: E402
 from torch_ref import HAS_TORCH_REF  # noqa: E402
 
 nn, F = torch.nn, torch.nn.functional
@@ -56,9 +59,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
     out = tmp_path_factory.mktemp("exported")
     result = {}
     for arm, workdir in workdirs.items():
-        assert export.main(["hf", "--workdir", str(workdir), "--out", str(out / arm)]) == 0
+        assert export_cli.main(["hf", "--workdir", str(workdir), "--out", str(out / arm)]) == 0
         ckpt = out / f"{arm}.pt"
-        assert export.main(["nanogpt", "--workdir", str(workdir), "--out", str(ckpt)]) == 0
+        assert export_cli.main(["nanogpt", "--workdir", str(workdir), "--out", str(ckpt)]) == 0
         result[arm] = Exported(workdir, load_run(workdir), out / arm, ckpt)
     return result
 
@@ -347,7 +350,7 @@ def test_cli_refuses_to_overwrite_and_reports_bad_input(exported: dict[str, Expo
     (out / "config.json").write_text("{}")
 
     def run(*argv: str) -> tuple[int, str]:
-        code = export.main(list(argv))
+        code = export_cli.main(list(argv))
         return code, capsys.readouterr().err
 
     code, err = run("hf", "--workdir", str(e.workdir), "--out", str(out))
@@ -376,7 +379,7 @@ def test_hf_says_plainly_when_no_tokenizer_can_be_written(
 
     monkeypatch.setattr(export_hf, "_sentencepiece_backend", missing)
     out = tmp_path / "hf"
-    assert export.main(["hf", "--workdir", str(exported["bpe_tied"].workdir),
+    assert export_cli.main(["hf", "--workdir", str(exported["bpe_tied"].workdir),
                         "--out", str(out)]) == 0
     assert "no tokenizer written" in capsys.readouterr().err
     assert "| exported tokenizer | none: transformers" in (out / "README.md").read_text()

@@ -179,13 +179,13 @@ def test_nothing_leaves_the_machine_natively(killed_and_resumed: dict[str, Any])
 def test_a_flipped_byte_in_the_newest_checkpoint_falls_back(
         killed_and_resumed: dict[str, Any], bucket: Bucket) -> None:
     from kronjax import storage
-    from kronjax.sample import load_run
+    from kronjax.run import load_run
 
     url = killed_and_resumed["url"]
     copy = bucket.url("runs", "flipped")
-    storage._fs(storage.as_path(url)).copy(url.removeprefix("gs://"),
+    storage.filesystem(storage.as_path(url)).copy(url.removeprefix("gs://"),
                                            copy.removeprefix("gs://"), recursive=True)
-    fs = storage._fs(storage.as_path(copy))
+    fs = storage.filesystem(storage.as_path(copy))
     data = [p for p in fs.find(copy.removeprefix("gs://") + "/checkpoints/60/state")
             if "/d/" in p]
     assert data, "no array data objects found"
@@ -326,13 +326,14 @@ def test_export_sample_probes_and_compare_take_bucket_paths(
     transformers = pytest.importorskip("transformers")
     import jax.numpy as jnp
 
-    from kronjax import export, storage
+    from kronjax import storage
+    from kronjax.export import cli as export_cli
     from kronjax.probes import robustness
-    from kronjax.sample import load_run
+    from kronjax.run import load_run
 
     url = killed_and_resumed["url"]
     out = bucket.url("exports", "killed_hf")
-    assert export.main(["hf", "--workdir", url, "--out", out]) == 0
+    assert export_cli.main(["hf", "--workdir", url, "--out", out]) == 0
     local = tmp_path / "hf"
     local.mkdir()
     for obj in storage.as_path(out).iterdir():

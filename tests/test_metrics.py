@@ -85,14 +85,17 @@ def test_bad_metrics_are_named(tmp_path: Path) -> None:
 
 def test_flops_and_mfu_arithmetic() -> None:
     # GPT-2 124M-ish: N=85M non-embedding, 12 layers, 12 heads x 64, T=1024.
-    fpt = metrics.flops_per_token(85_000_000, 12, 12, 64, 1024)
+    from kronjax.model import GPTConfig, flops_per_token
+
+    config = GPTConfig(50304, 1024, 12, 12, 768)
+    fpt = flops_per_token(config, 85_000_000)
     assert fpt == 6 * 85_000_000 + 12 * 12 * 12 * 64 * 1024
     assert metrics.mfu(2.0e5, fpt, 4, 989e12) == pytest.approx(2.0e5 * fpt / (4 * 989e12))
     assert metrics.mfu(1e5, fpt, 1, None) is None
     with pytest.raises(ValueError, match="n_devices"):
         metrics.mfu(1e5, fpt, 0, 1e12)
     with pytest.raises(ValueError, match="seq_len"):
-        metrics.flops_per_token(1, 1, 1, 1, -1)
+        flops_per_token(config, 1, -1)
 
 
 @pytest.mark.parametrize(

@@ -67,10 +67,10 @@ def _local(n: int, devices: int, args: list[str], timeout: int = 300
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kronjax import config as config_lib
-    from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
 
     d = tmp_path_factory.mktemp("mh") / "pydoc"
-    run_lib.ensure_data(config_lib.build_config(TINY, [("data.dir", str(d))]), progress=False)
+    data_cache.ensure_data(config_lib.build_config(TINY, [("data.dir", str(d))]), progress=False)
     return d
 
 
@@ -151,7 +151,7 @@ def _worker(tokens_path: str, out_dir: str) -> None:
 
     from kronjax import data as data_lib
     from kronjax import mesh as sharding
-    from kronjax.run import initialize_distributed
+    from kronjax.cluster import initialize_distributed
     from kronjax.step import split_micro
 
     assert initialize_distributed("auto")

@@ -204,7 +204,7 @@ def test_probe_cli(runs: tiny_runs.TinyRuns, tmp_path: Path,
 
 def test_generation_forced_oov_and_parity_with_sample(runs: tiny_runs.TinyRuns,
                                                       tmp_path: Path) -> None:
-    from kronjax.sample import encode_prompt, generate
+    from kronjax.generate import encode_prompt, generate
 
     prompts = generation.load_prompts()[:3]
     pf = tmp_path / "prompts.jsonl"

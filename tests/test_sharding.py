@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from kronjax import cluster
 from kronjax import mesh as sharding
 from kronjax import run as run_lib
 from kronjax.loss import cross_entropy
+from kronjax.vocab import synthetic_vocab
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
@@ -81,18 +83,18 @@ def test_config_rules_match_the_default_table() -> None:
 
 
 def test_detect_cluster_from_environment() -> None:
-    assert run_lib.detect_cluster({}) is None
-    assert run_lib.detect_cluster({run_lib.ENV_COORDINATOR: "127.0.0.1:1234"}) == "env"
+    assert cluster.detect_cluster({}) is None
+    assert cluster.detect_cluster({cluster.ENV_COORDINATOR: "127.0.0.1:1234"}) == "env"
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "8",
              "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
-    assert run_lib.detect_cluster(slurm) == "slurm"
-    assert run_lib.detect_cluster({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: local
-    assert run_lib.detect_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
-    assert run_lib.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
-    assert run_lib.initialize_distributed("off") is False
-    assert run_lib.initialize_distributed("auto") is False  # nothing detected here
+    assert cluster.detect_cluster(slurm) == "slurm"
+    assert cluster.detect_cluster({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: local
+    assert cluster.detect_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
+    assert cluster.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert cluster.initialize_distributed("off") is False
+    assert cluster.initialize_distributed("auto") is False  # nothing detected here
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
-        run_lib.initialize_distributed("yes")
+        cluster.initialize_distributed("yes")
 
 
 def test_fit_spec_keeps_what_divides() -> None:
@@ -133,7 +135,7 @@ def _worker() -> dict[str, Any]:
             ("mesh.tensor", str(t)), ("train.grad_accum", str(grad_accum)),
             ("mesh.vocab_parallel_ce", vp)])
         mcfg = run_lib.model_config(cfg, vocab_n)
-        vocab = (run_lib.synthetic_vocab(vocab_n, mcfg.pos_dim).pad_to(mcfg.vocab_size)
+        vocab = (synthetic_vocab(vocab_n, mcfg.pos_dim).pad_to(mcfg.vocab_size)
                  if mcfg.is_kron else None)
         model = GPT(mcfg, vocab)
         if opt == "sgd":  # the update is the gradient itself: a sharp comparison

@@ -276,8 +276,9 @@ def test_sigterm_saves_and_exits_zero(full_run: Path, data_dir: Path, tmp_path: 
 
 
 def test_sample_greedy_top_p_and_oov(full_run: Path, data_dir: Path) -> None:
-    from kronjax import sample
-    run = sample.load_run(full_run)
+    from kronjax import generate as sample
+    from kronjax.run import Loaded, load_run
+    run = load_run(full_run)
     assert run.step == 8 and run.model.config.arm == "kron"
     ids = run.tokenizer.encode("The function")
     greedy = sample.generate(run, ids, 6)
@@ -292,7 +293,7 @@ def test_sample_greedy_top_p_and_oov(full_run: Path, data_dir: Path) -> None:
     assert oov is not None and oov[1] == b"zorblax"
     out = sample.generate(run, prompt_ids, 4, oov=oov)
     assert out[:len(prompt_ids)] == prompt_ids
-    bpe = sample.Loaded(GPT(GPTConfig(512, 32, 1, 2, 32, arm="bpe_tied")), None, run.tokenizer,
+    bpe = Loaded(GPT(GPTConfig(512, 32, 1, 2, 32, arm="bpe_tied")), None, run.tokenizer,
                         run.cfg, 0)
     with pytest.raises(ValueError, match="needs a Kronecker arm"):
         sample.generate(bpe, ids, 2, oov=oov)

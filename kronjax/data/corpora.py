@@ -31,7 +31,7 @@ def iter_documents(source: str, *, text_field: str = "text") -> Iterator[str]:
     elif source.startswith("hf:"):
         yield from _hf_documents(source[3:], text_field)
     else:
-        for path in _local_files(source):
+        for path in local_files(source):
             yield from (d for d in _read_local(path, text_field) if d)
 
 
@@ -62,7 +62,7 @@ def _hf_documents(name: str, text_field: str) -> Iterator[str]:
             yield row[text_field]
 
 
-def _local_files(source: str) -> list[Path]:
+def local_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
@@ -122,7 +122,7 @@ def _read_local(path: Path, text_field: str) -> Iterator[str]:
 def canonical_source(source: str) -> str:
     if source in BUILTIN_SOURCES or source.startswith("hf:"):
         return source
-    _local_files(source)  # raises a clear error for an unknown source
+    local_files(source)  # raises a clear error for an unknown source
     return str(Path(source).expanduser().resolve())
 
 

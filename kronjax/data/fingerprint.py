@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kronjax.data.corpora import BUILTIN_SOURCES, _local_files, canonical_source
+from kronjax.data.corpora import BUILTIN_SOURCES, local_files, canonical_source
 from kronjax.data.store import META
 
 __all__ = ["CONTENT", "DEFINING_KEYS", "cache_key", "content_changes", "defining_request",
@@ -64,7 +64,7 @@ def local_source_bytes(source: str) -> int | None:
     """Total size of a local source's files; None for builtin, hf: or missing sources."""
     if not is_local(source) or not Path(source).expanduser().exists():
         return None
-    return sum(f.stat().st_size for f in _local_files(source))
+    return sum(f.stat().st_size for f in local_files(source))
 
 
 def _sha256(path: Path) -> str:
@@ -79,7 +79,7 @@ def _named_files(source: str) -> dict[str, Path]:
     """A local source's files by name: relative to the source directory, or the file's."""
     root = Path(source).expanduser()
     return {(f.name if root.is_file() else str(f.relative_to(root))): f
-            for f in _local_files(source)}
+            for f in local_files(source)}
 
 
 def source_content(source: str) -> list[list[Any]] | None:

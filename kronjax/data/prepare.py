@@ -38,7 +38,7 @@ from kronjax.data.store import (CACHED_SP, FORMAT_VERSION, META, PROGRESS, SHARD
                                 DataError, DataMismatchError, load_meta, load_split,
                                 load_tokenizer_for, token_dtype)
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
-from kronjax.data.writer import _chunks, _Encoder, _ShardWriter
+from kronjax.data.writer import chunks, Encoder, ShardWriter
 from kronjax.files import write_atomic
 
 log = logging.getLogger("kronjax.data")
@@ -120,7 +120,7 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path | Any, *,
     dtype, eot = token_dtype(tok.vocab_size), tok.eot_id
     saved = _load_progress(out, tok.fingerprint, dtype)
     sizes = split_shard_tokens(int(shard_tokens), val_fraction)
-    writers = {s: _ShardWriter(out, s, dtype, sizes[s], saved[s]["shards"], saved[s]["next_item"])
+    writers = {s: ShardWriter(out, s, dtype, sizes[s], saved[s]["shards"], saved[s]["next_item"])
                for s in SPLITS}
 
     def record() -> None:
@@ -131,7 +131,7 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path | Any, *,
     record()
     worker_spec = f"sentencepiece:{out / CACHED_SP}" if resolved.startswith("sentencepiece:") \
         else resolved
-    encoder = _Encoder(tok, worker_spec, workers, eot, dtype)
+    encoder = Encoder(tok, worker_spec, workers, eot, dtype)
     try:
         with tqdm(desc=f"tokenizing {source}", unit="tok", unit_scale=True, total=max_tokens,
                   initial=writers["train"].total_tokens, disable=not progress) as bar:
@@ -157,8 +157,8 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path | Any, *,
     return meta
 
 
-def _tokenize_into(docs: Iterable[tuple[str, str]], writers: dict[str, _ShardWriter],
-                   encoder: _Encoder, max_tokens: int | None, record: Any, bar: tqdm) -> int:
+def _tokenize_into(docs: Iterable[tuple[str, str]], writers: dict[str, ShardWriter],
+                   encoder: Encoder, max_tokens: int | None, record: Any, bar: tqdm) -> int:
     """Stream (split, text) items into the writers; returns the last item index used.
 
     Items already inside a finished shard of their split are skipped untokenized, so a resumed
@@ -179,7 +179,7 @@ def _tokenize_into(docs: Iterable[tuple[str, str]], writers: dict[str, _ShardWri
                 yield index, split, text
 
     last = -1
-    for tags, encoded in encoder.map(_chunks(todo())):
+    for tags, encoded in encoder.map(chunks(todo())):
         for (index, split), (ids, n_bytes) in zip(tags, encoded, strict=True):
             if stop_after is not None and index > stop_after:
                 return last

@@ -67,7 +67,7 @@ def publish(local: Path, url: Any) -> dict[str, Any]:
     with the same MD5 is kept), meta.json last with every file's size and SHA-256."""
     meta = json.loads((local / META).read_text(encoding="utf-8"))
     remote = storage.as_path(url)
-    fs = storage._fs(remote)
+    fs = storage.filesystem(remote)
     files: dict[str, dict[str, Any]] = {}
     for name in _files_of(meta, local):
         path = local / name

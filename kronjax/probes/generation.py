@@ -1,6 +1,6 @@
 """Generation probe: completions of prompts whose key word is normal, misspelled or novel.
 
-`python -m kronjax.probe generation --workdirs A B [--prompts FILE.jsonl] [--out DIR]`
+`python -m kronjax.probes generation --workdirs A B [--prompts FILE.jsonl] [--out DIR]`
 
 Each prompt line is {"id", "template" (with one "{slot}"), "word", "typo", "novel"}; slot
 words carry their leading space, as tokens do. Three forms per prompt:
@@ -29,7 +29,8 @@ import numpy as np
 from kronjax.embed import ByteOverride
 from kronjax.model import GPT
 from kronjax.probes import common
-from kronjax.sample import OOV_MARK, Loaded, encode_prompt
+from kronjax.generate import OOV_MARK, encode_prompt
+from kronjax.run import Loaded
 from kronjax.vocab import encode_bytes, truncate
 
 DEFAULT_PROMPTS = common.DATA_DIR / "prompts.jsonl"
@@ -68,7 +69,7 @@ def build_prompt(run: Loaded, prompt: Mapping[str, str], form: str
 def generate_batch(run: Loaded, prompts: Sequence[Sequence[int]], n_new: int, *,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                    oov: Sequence[tuple[int, bytes] | None] | None = None) -> list[list[int]]:
-    """`kronjax.sample.generate` for many prompts at once (same tokens, one compile).
+    """`kronjax.generate.generate` for many prompts at once (same tokens, one compile).
 
     Rows are right-padded; each reads its own last position, and the per-step random key
     is shared across rows exactly as generate() uses it for a single prompt. A row gets
@@ -85,8 +86,8 @@ def generate_batch(run: Loaded, prompts: Sequence[Sequence[int]], n_new: int, *,
     buf = np.zeros((b, cfg.block_size), np.int32)
     for i, p in enumerate(prompts):
         buf[i, :len(p)] = p
-    if oov is not None and not cfg.is_kron:
-        raise ValueError(f"byte overrides need a Kronecker arm; arm is {cfg.arm}")
+    if oov is not None:
+        cfg.require_kron()
     override = None
     if cfg.is_kron:  # always an override on kron arms (all-false mask = none): one compile
         rows = np.zeros((b, cfg.block_size, cfg.pos_dim), np.uint8)
@@ -232,7 +233,7 @@ def run(workdirs: Sequence[str | Path], prompts_file: str | Path = DEFAULT_PROMP
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kronjax.probe generation", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m kronjax.probes generation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdirs", nargs="+", required=True, help="kronjax.train run directories")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS),

@@ -1,6 +1,6 @@
 """Embedding geometry: are a word's nearest neighbours its spellings or its relatives?
 
-`python -m kronjax.probe geometry [--workdirs A B] [--codec 8,16] [--matrix FILE
+`python -m kronjax.probes geometry [--workdirs A B] [--codec 8,16] [--matrix FILE
  --tokenizer SPEC [--key NAME]] [--layers 0,1] [--k 5] [--words FILE.jsonl] [--out DIR]`
 
 Probe items: each word family (run, runs, running, runner) in six typographic forms
@@ -275,7 +275,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kronjax.probe geometry", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m kronjax.probes geometry", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdirs", nargs="*", default=[], help="kronjax.train run directories")
     p.add_argument("--codec", type=lambda s: _ints(s, "--codec"), default=[],

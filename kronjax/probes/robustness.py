@@ -1,6 +1,6 @@
 """Typo robustness: how far one misspelled word moves a model's next-token prediction.
 
-`python -m kronjax.probe robustness --workdirs A B [--pairs FILE.jsonl] [--out DIR]`
+`python -m kronjax.probes robustness --workdirs A B [--pairs FILE.jsonl] [--out DIR]`
 
 Each pair is a prompt in clean and typo form ({"category", "clean", "typo"}). At the last
 position of each, per checkpoint:
@@ -159,7 +159,7 @@ def run(workdirs: Sequence[str | Path], pairs_file: str | Path = DEFAULT_PAIRS,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kronjax.probe robustness", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m kronjax.probes robustness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdirs", nargs="+", required=True, help="kronjax.train run directories")
     p.add_argument("--pairs", default=str(DEFAULT_PAIRS), help="JSONL of category/clean/typo")

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from kronjax import interop
-from kronjax.export_state import (LINEARS, ExportError, RunInfo, gpt2_state, kron_projection,
+from kronjax.export.state import (LINEARS, ExportError, RunInfo, gpt2_state, kron_projection,
                             write_file)
-from kronjax.sample import Loaded
+from kronjax.run import Loaded
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 KRON_KEY = "kronecker"
@@ -93,7 +93,7 @@ def checkpoint(run: Loaded, info: RunInfo) -> dict[str, Any]:
 
 
 def write(run: Loaded, info: RunInfo, out: Path, force: bool) -> list[str]:
-    """torch.save the checkpoint to out, whole (see kronjax.export_state.write_file)."""
+    """torch.save the checkpoint to out, whole (see kronjax.export.state.write_file)."""
     torch = _torch()
     ck = checkpoint(run, info)
     write_file(out, force, lambda tmp: torch.save(ck, tmp))

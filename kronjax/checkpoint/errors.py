@@ -4,7 +4,6 @@ The exceptions a resume or a save raises (`UnreadableCheckpointError`, `Checkpoi
 are UserErrors: the CLIs print them without a traceback), the resume-compatibility check,
 `describe_failure` (an I/O failure's OS error, e.g. "no space left on device (ENOSPC)"), and
 `quiet_orbax`, which mutes the tracebacks orbax logs for failures that reach kronjax anyway.
-`kronjax.checkpoint` re-exports all of it.
 """
 
 from __future__ import annotations
@@ -22,11 +21,14 @@ from typing import Any
 
 from kronjax.errors import UserError
 
-__all__ = ["COMPAT_KEYS", "CheckpointSaveError", "ChecksumMismatch", "IncompatibleCheckpointError",
+__all__ = ["RESUME_KEYS", "CheckpointSaveError", "ChecksumMismatch", "IncompatibleCheckpointError",
            "UnreadableCheckpointError", "as_json", "check_compatible", "describe_failure",
            "quiet_orbax"]
 
-COMPAT_KEYS: tuple[str, ...] = ("arm", "vocab_fingerprint", "model_shape", "tokenizer")
+# What a checkpoint must agree with to be resumed (kronjax.run.run_meta writes them): the arm,
+# the model's shapes, the tokenizer's vocabulary and the codec's byte rows.
+RESUME_KEYS: tuple[str, ...] = ("arm", "model_shape", "tokenizer_fingerprint",
+                                "vocab_fingerprint")
 _MISSING = "<missing>"
 
 
@@ -54,7 +56,7 @@ def as_json(value: Any) -> Any:
 def check_compatible(
     saved: Mapping[str, Any],
     current: Mapping[str, Any],
-    keys: Sequence[str] = COMPAT_KEYS,
+    keys: Sequence[str] = RESUME_KEYS,
 ) -> None:
     """Raise `IncompatibleCheckpointError` naming every key where the runs differ.
 

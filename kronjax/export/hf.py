@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from kronjax import interop
-from kronjax.export_state import ExportError, RunInfo, gpt2_state, kron_projection, write_dir
+from kronjax.export.state import ExportError, RunInfo, gpt2_state, kron_projection, write_dir
 from kronjax.layers import INIT_STD, LN_EPS
-from kronjax.sample import Loaded
+from kronjax.run import Loaded
 from kronjax.data.tokenizers import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 KRON_FILE = "kronecker_embedding.safetensors"

@@ -1,4 +1,4 @@
-"""Checkpoints: train state + grain iterator + JSON metadata, one orbax step each.
+"""The checkpoint manager: train state + grain iterator + JSON metadata, one orbax step each.
 
 A thin wrapper over `ocp.CheckpointManager` (async saves, `max_to_keep`, save
 every N steps) that fixes the items a kronjax run needs so resuming is one
@@ -16,8 +16,8 @@ checksum mismatch), each named in a warning; nothing is deleted. Before the next
 save, such steps are moved out of orbax's sight into `<directory>.unreadable/`
 (so `max_to_keep` neither counts nor deletes them). A save that fails (disk
 full) raises `CheckpointSaveError` in one line; a background save's failure is
-noticed by `check()`, which the train loop calls after every step. The errors
-live in `kronjax.checkpoint_errors`, the stop signals in `kronjax.signals`.
+noticed by `check()`, which the train loop calls after every step. What goes wrong is
+said by `kronjax.checkpoint.errors`; `kronjax.checkpoint.checksums` computes the sums.
 
 Everything here must be called on every process (orbax synchronises hosts); the
 directory must be shared storage visible to all of them.
@@ -37,26 +37,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from kronjax import checksums as checksums_lib
 from kronjax import storage
-from kronjax.checkpoint_errors import (COMPAT_KEYS, CheckpointSaveError, ChecksumMismatch,
+from kronjax.checkpoint import checksums as checksums_lib
+from kronjax.checkpoint.errors import (CheckpointSaveError, ChecksumMismatch,
                                        IncompatibleCheckpointError, UnreadableCheckpointError,
-                                       as_json, check_compatible, describe_failure, quiet_orbax)
-from kronjax.signals import StopFlag, install_sigterm_handler
+                                       as_json, describe_failure, quiet_orbax)
 
-__all__ = [
-    "COMPAT_KEYS",
-    "CheckpointSaveError",
-    "Checkpointer",
-    "IncompatibleCheckpointError",
-    "StopFlag",
-    "UnreadableCheckpointError",
-    "check_compatible",
-    "describe_failure",
-    "install_sigterm_handler",
-]
+__all__ = ["UNREADABLE_SUFFIX", "Checkpointer"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kronjax.checkpoint")
 
 UNREADABLE_SUFFIX = ".unreadable"  # <directory>.unreadable/<step>: steps set aside, kept
 

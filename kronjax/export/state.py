@@ -3,7 +3,7 @@
 The codec is fixed, so at inference a kron model's input table is K @ W (V x d),
 materialised once here, and kron_tied's head is that table times its logit factor
 (kronjax.model.KRON_TIED_LOGIT_SCALE). `gpt2_state` names the weights as both nanoGPT and
-transformers do; kronjax.export_hf and kronjax.export_nanogpt only change the layout.
+transformers do; kronjax.export.hf and kronjax.export.nanogpt only change the layout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from kronjax import storage
 from kronjax.metrics import read_metrics
 from kronjax.model import GPT, KRON_TIED_LOGIT_SCALE
-from kronjax.sample import Loaded
+from kronjax.run import Loaded
 from kronjax.workdir import Workdir
 
 # (module, input width in units of n_embd) of each Linear, as nanoGPT and GPT-2 name them
