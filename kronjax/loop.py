@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from kronjax import checkpoint as ckpt
+from kronjax import compile_cache
 from kronjax import console
 from kronjax import mesh as mesh_lib
 from kronjax import metrics as metrics_lib
@@ -55,7 +56,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     """
     run_lib.distributed_from_config(cfg)
     # Process 0 holds the workdir's lock for the whole run (the others write nothing of theirs).
-    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    # The persistent compilation cache (kronjax.compile_cache) is set before the first compile.
+    with (WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
+          compile_cache.use(cfg, workdir)):
         if stop is not None:
             return _train(run_lib.assemble(cfg, Path(workdir)), stop)
         flag = ckpt.install_sigterm_handler()

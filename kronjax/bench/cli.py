@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from kronjax.bench.attention import __doc__ as ATTENTION_DOC
 from kronjax.bench.attention import cmd_attention
 from kronjax.bench.embed import cmd_embed
+from kronjax.bench.startup import add_parser as add_startup_parser
 from kronjax.bench.step import STEP_ARMS, STEP_DOC, VOCAB_SOURCES, cmd_step
 from kronjax.bench.tpu import FIT_TYPES, cmd_tpu
 from kronjax.bench.tpu import __doc__ as TPU_DOC
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{','.join(FIT_TYPES)})")
     tp.add_argument("--json", action="store_true", help="print one JSON object")
     tp.set_defaults(func=cmd_tpu)
+    add_startup_parser(sub)
     return parser
 
 
@@ -132,11 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
-    if overrides and args.command not in ("step", "tpu"):
-        parser.error("--config.* overrides apply to the step and tpu benchmarks only")
+    if overrides and args.command not in ("step", "tpu", "startup"):
+        parser.error("--config.* overrides apply to the step, tpu and startup benchmarks only")
     args.overrides = overrides
     for flag in ("vocab", "d_model", "tokens", "pos_dim", "reps", "vocab_size", "torch_threads",
-                 "batch", "seq", "heads", "head_dim"):
+                 "batch", "seq", "heads", "head_dim", "compare_seeds", "compare_reps"):
         value = getattr(args, flag, 1)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
