@@ -101,3 +101,12 @@ def test_a_run_fills_the_cache_and_a_second_process_compiles_from_it(
         assert f"Persistent compilation cache hit for '{program}'" in second.stderr, program
     assert cc.entries(xla) == written  # nothing compiled anew, so nothing written
     assert _losses(tmp_path / "second") == _losses(tmp_path / "first")
+
+
+def test_bench_startup_sees_the_trainers_first_step_line() -> None:
+    """kronjax.bench startup times to this line: it must match what the trainer prints."""
+    from kronjax import console
+    from kronjax.bench import startup
+
+    assert startup.FIRST_STEP.search(console.step_line(1, 40, {"loss": 6.2}, None))
+    assert not startup.FIRST_STEP.search(console.step_line(10, 40, {"loss": 6.2}, None))

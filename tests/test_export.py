@@ -2,9 +2,9 @@
 nanoGPT checkpoint gives kronjax's logits; tokenizers round-trip; outputs are never clobbered.
 
 Needs torch and transformers (the `export` extra); skipped without them. Runs: tiny_runs'
-bpe_tied and kron (bias=False, V=512 unpadded) plus bpe_untied and kron_tied (tiny_runs.four_arms,
-shared with test_evaluate) trained on the same data with bias=True and the vocabulary padded
-to 576.
+bpe_tied and kron (bias=False, V=512 unpadded) plus bpe_untied and kron_tied
+(tiny_runs.four_arms, shared with test_evaluate) trained on the same data with bias=True and
+the vocabulary padded to 576.
 """
 
 from __future__ import annotations

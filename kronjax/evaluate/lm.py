@@ -145,7 +145,11 @@ class KronjaxLM(TemplateLM):
                 greedy[owner[i]] &= bool(greedy_BxL[j, n - k:n].all())
             bar.update(len(batch))
         bar.close()
-        return [(float(lp), bool(g)) for lp, g in zip(logps, greedy)]
+        answers = [(float(lp), bool(g)) for lp, g in zip(logps, greedy)]
+        for (key, _, _), answer in zip(requests, answers):
+            if key is not None:  # (context, continuation); rolling windows have none
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return answers
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False
                               ) -> list[float]:
@@ -167,7 +171,6 @@ class KronjaxLM(TemplateLM):
 
     # -- generation ----------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        out: list[str] = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="kronjax generate_until")
         eot = self.tok.eot_id
         # Requests with equal generation settings are batched together, in order.
@@ -191,8 +194,7 @@ class KronjaxLM(TemplateLM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
                 bar.update(len(batch))
         bar.close()
-        out = [results[i] for i in range(len(requests))]
-        return out
+        return [results[i] for i in range(len(requests))]
 
     def _generate(self, contexts: list[list[int]], max_gen: int, until: list[str],
                   eot: int | None, temperature: float) -> list[str]:
