@@ -64,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.log_every = 10
     cfg.train.keep_checkpoints = 2
     cfg.train.progress = True
+    cfg.train.compile_cache = ""          # "" = ~/.cache/kronjax/xla (a gs:// workdir: its
+                                          # bucket's .cache/kronjax/xla) | "off" | DIR | gs://...
 
     # Device mesh ("data", "fsdp", "tensor"); -1 fills the devices the other axes leave.
     cfg.mesh = ml_collections.ConfigDict()

@@ -40,9 +40,9 @@ from kronjax.workdir import Workdir
 
 log = logging.getLogger("kronjax.compare")
 # May differ between invocations without changing what a run computes: the progress bar, the
-# attention kernel (the same function per platform), and where a run executes (mesh layout,
-# process setup).
-IGNORED_KEYS = ("train.progress", "model.attention")
+# attention kernel (the same function per platform), where compiled programs are cached (runs
+# made before the key existed lack it), and where a run executes (mesh layout, process setup).
+IGNORED_KEYS = ("train.progress", "model.attention", "train.compile_cache")
 IGNORED_PREFIXES = ("mesh.", "dist.")
 Runs = Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]]  # {arm: {seed: records}}
 

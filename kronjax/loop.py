@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from kronjax import cluster
+from kronjax import compile_cache
 from kronjax import console
 from kronjax import metrics as metrics_lib
 from kronjax import run as run_lib
@@ -60,7 +61,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path | Workdir, *,
         storage.as_path(str(cfg.data.dir))
     cluster.distributed_from_config(cfg)
     # Process 0 holds the workdir's lock for the whole run (the others write nothing of theirs).
-    with workdir_lock(wd) if jax.process_index() == 0 else contextlib.nullcontext() as lock:
+    # Process 0 holds the lock; the persistent compilation cache (kronjax.compile_cache) is
+    # set before the first compile.
+    with (workdir_lock(wd) if jax.process_index() == 0 else contextlib.nullcontext()) as lock, \
+            compile_cache.use(cfg, wd):
         held = lock.check if lock is not None else (lambda: None)
         if stop is not None:
             return _train(run_lib.assemble(cfg, wd), stop, held)

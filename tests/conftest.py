@@ -11,7 +11,10 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     """Keep Hypothesis's example database and constants cache out of the checkout: they record
-    absolute paths of the machine that ran the tests."""
+    absolute paths of the machine that ran the tests. No persistent compilation cache unless a
+    test names one (tests/test_compile_cache.py): some tests time a compile (a SIGTERM lands
+    during one), and none should fill the user's ~/.cache/kronjax/xla."""
+    os.environ.setdefault("KRONJAX_COMPILE_CACHE", "off")
     if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
         from hypothesis.configuration import set_hypothesis_home_dir
 

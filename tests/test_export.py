@@ -2,13 +2,13 @@
 nanoGPT checkpoint gives kronjax's logits; tokenizers round-trip; outputs are never clobbered.
 
 Needs torch and transformers (the `export` extra); skipped without them. Runs: tiny_runs'
-bpe_tied and kron (bias=False, V=512 unpadded) plus bpe_untied and kron_tied trained here on
-the same data with bias=True and the vocabulary padded to 576.
+bpe_tied and kron (bias=False, V=512 unpadded) plus bpe_untied and kron_tied
+(tiny_runs.four_arms, shared with test_evaluate) trained on the same data with bias=True and
+the vocabulary padded to 576.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -32,8 +32,8 @@ from kronjax.run import Loaded, load_run  # noqa: E402
 from torch_ref import HAS_TORCH_REF  # noqa: E402
 
 nn, F = torch.nn, torch.nn.functional
-ARMS = ("bpe_tied", "bpe_untied", "kron", "kron_tied")
-PADDED = 96  # vocab_multiple of the runs trained here: 512 ids -> 576 rows
+ARMS = tiny_runs.ARMS
+PADDED = tiny_runs.PADDED  # vocab_multiple of tiny_runs.four_arms' extra runs: 512 -> 576 rows
 RTOL = 1e-4
 
 
@@ -47,22 +47,14 @@ class Exported:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    from kronjax import compare
-
-    runs = tiny_runs.get(tmp_path_factory)
-    cfg = copy.deepcopy(runs.cfg)
-    cfg.model.bias, cfg.model.vocab_multiple = True, PADDED
-    more = tmp_path_factory.mktemp("export_runs")
-    compare.run_all(cfg, ["bpe_untied", "kron_tied"], [0], more)
-    workdirs = {"bpe_tied": runs.bpe, "kron": runs.kron,
-                "bpe_untied": more / "bpe_untied_s0", "kron_tied": more / "kron_tied_s0"}
+    workdirs = tiny_runs.four_arms(tmp_path_factory)  # shared with test_evaluate
+    hf_dirs = tiny_runs.hf_exports(tmp_path_factory)
     out = tmp_path_factory.mktemp("exported")
     result = {}
     for arm, workdir in workdirs.items():
-        assert export_cli.main(["hf", "--workdir", str(workdir), "--out", str(out / arm)]) == 0
         ckpt = out / f"{arm}.pt"
         assert export_cli.main(["nanogpt", "--workdir", str(workdir), "--out", str(ckpt)]) == 0
-        result[arm] = Exported(workdir, load_run(workdir), out / arm, ckpt)
+        result[arm] = Exported(workdir, load_run(workdir), hf_dirs[arm], ckpt)
     return result
 
 

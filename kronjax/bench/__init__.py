@@ -26,9 +26,13 @@ time(arm) / time(baseline): below 1 is faster.
     python -m kronjax.bench tpu [--config FILE] [--types v4-8,...] [--arms ...] [--json]
     python -m kronjax.bench storage --url gs://BUCKET/PREFIX [--config FILE] [--reps 3]
     python -m kronjax.bench report OUTDIR   (every GPU measurement: launch/gpu_report.sh)
+    python -m kronjax.bench startup [--config configs/tiny.py] [--reps 3] [--compare]
+
+`startup` times fresh processes to their first step (and a whole compare) with the
+persistent compilation cache off, cold and warm (kronjax.bench.startup).
 
 Modules: timing (machine, interleaved rounds, memory), embed, step, torch_step (nanoGPT in
-PyTorch), attention, tpu, storage, report, cli.
+PyTorch), attention, tpu, storage, report, startup, cli.
 """
 
 from kronjax.bench.cli import build_parser, main

@@ -11,6 +11,7 @@ from kronjax.bench.attention import DEFAULT_KERNELS, cmd_attention, kernel_list
 from kronjax.bench.embed import cmd_embed
 from kronjax.bench.report import PART_NAMES, cmd_report, part_list
 from kronjax.bench.report import __doc__ as REPORT_DOC
+from kronjax.bench.startup import add_parser as add_startup_parser
 from kronjax.bench.step import STEP_ARMS, STEP_DOC, cmd_step
 from kronjax.bench.storage import __doc__ as STORAGE_DOC
 from kronjax.bench.storage import cmd_storage
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--reps", type=int, default=3, help="save/restore rounds per place")
     so.add_argument("--json", action="store_true", help="print one JSON object")
     so.set_defaults(func=cmd_storage)
+    add_startup_parser(sub)
     return parser
 
 
@@ -196,11 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
-    if overrides and args.command not in ("step", "tpu", "storage"):
-        parser.error("--config.* overrides apply to the step, tpu and storage benchmarks only")
+    if overrides and args.command not in ("step", "tpu", "storage", "startup"):
+        parser.error("--config.* overrides apply to the step, tpu, storage and startup "
+                     "benchmarks only")
     args.overrides = overrides
     for flag in ("vocab", "d_model", "tokens", "pos_dim", "reps", "vocab_size", "torch_threads",
-                 "batch", "seq", "heads", "head_dim"):
+                 "batch", "seq", "heads", "head_dim", "compare_seeds", "compare_reps"):
         value = getattr(args, flag, 1)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")

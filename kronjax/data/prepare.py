@@ -95,7 +95,7 @@ def prepare(source: str, tokenizer_spec: str, out_dir: str | Path | Any, *,
 
     def docs() -> Iterator[tuple[str, str]]:
         texts = itertools.islice(iter_documents(source, text_field=text_field), max_documents)
-        return _assign_splits(texts, val_fraction)
+        return assign_splits(texts, val_fraction)
 
     existing = _existing(out, request, overwrite, source, gone)
     if existing is not None:
@@ -235,7 +235,7 @@ def _load_progress(out: Path, fingerprint: str, dtype: np.dtype) -> dict[str, di
     return splits
 
 
-def _assign_splits(texts: Iterable[str], val_fraction: float) -> Iterator[tuple[str, str]]:
+def assign_splits(texts: Iterable[str], val_fraction: float) -> Iterator[tuple[str, str]]:
     """Every round(1/val_fraction)-th document to val; too few documents: the last one's tail."""
     every = round(1 / val_fraction) if val_fraction > 0 else 0
     last: tuple[str, str] | None = None

@@ -1,0 +1,5 @@
+import sys
+
+from kronjax.evaluate.cli import main
+
+sys.exit(main())
