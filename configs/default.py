@@ -67,6 +67,15 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.compile_cache = ""          # "" = ~/.cache/kronjax/xla (a gs:// workdir: its
                                           # bucket's .cache/kronjax/xla) | "off" | DIR | gs://...
 
+    # Weights & Biases (the wandb extra): a project name turns it on; metrics.jsonl stays the
+    # record. compare sets the group (the comparison) and the name (arm_sSEED) of its runs.
+    cfg.log = ml_collections.ConfigDict()
+    cfg.log.wandb = ""                    # PROJECT
+    cfg.log.wandb_entity = ""
+    cfg.log.wandb_name = ""
+    cfg.log.wandb_group = ""
+    cfg.log.wandb_tags = ""               # comma-separated
+
     # Device mesh ("data", "fsdp", "tensor"); -1 fills the devices the other axes leave.
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.data = -1

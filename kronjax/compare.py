@@ -43,7 +43,7 @@ log = logging.getLogger("kronjax.compare")
 # attention kernel (the same function per platform), where compiled programs are cached (runs
 # made before the key existed lack it), and where a run executes (mesh layout, process setup).
 IGNORED_KEYS = ("train.progress", "model.attention", "train.compile_cache")
-IGNORED_PREFIXES = ("mesh.", "dist.")
+IGNORED_PREFIXES = ("mesh.", "dist.", "log.")  # and where it logs (W&B)
 Runs = Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]]  # {arm: {seed: records}}
 
 
@@ -84,6 +84,8 @@ def run_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_colle
     cfg = copy.deepcopy(base)
     cfg.model.arm = arm
     cfg.seed = seed
+    if "log" in cfg and cfg.log.get("wandb") and not cfg.log.get("wandb_name"):
+        cfg.log.wandb_name = run_name(arm, seed)  # W&B: one run per arm and seed ...
     return cfg
 
 
@@ -383,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--reference {bad} must be among --arms {arms}")
         cfg = config_lib.build_config(args.config, overrides)
         out = storage.as_path(args.out)
+        if "log" in cfg and cfg.log.get("wandb") and not cfg.log.get("wandb_group"):
+            cfg.log.wandb_group = out.name  # ... grouped as the comparison
         if isinstance(out, Path):
             out.mkdir(parents=True, exist_ok=True)
         if args.report_only:

@@ -24,7 +24,7 @@ from kronjax import console
 from kronjax import metrics as metrics_lib
 from kronjax import run as run_lib
 from kronjax import signals
-from kronjax import storage
+from kronjax import storage, wandb_sink
 from kronjax.lock import workdir_lock
 from kronjax.model import flops_per_token, n_params_nonembedding, param_counts
 from kronjax.workdir import Workdir
@@ -84,8 +84,10 @@ def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None])
              *(f"{counts[k]:,}" for k in ("total", "input_side", "head", "rest")))
     fpt = flops_per_token(mcfg, n_params_nonembedding(state["params"], mcfg))
     peak = metrics_lib.device_peak_flops()
+    mirror = wandb_sink.open_sink(cfg, run.workdir, counts) if run.is_main else None
     writer = metrics_lib.MetricsWriter(run.workdir, is_main=run.is_main, total_steps=steps,
-                                       progress=run.progress, initial_step=int(state["step"]))
+                                       progress=run.progress, initial_step=int(state["step"]),
+                                       mirror=mirror)
     if int(state["step"]) == 0:
         writer.write(0, {f"params_{k}": v for k, v in counts.items()})
 

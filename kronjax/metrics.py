@@ -199,6 +199,7 @@ class MetricsWriter:
         progress: bool = True,
         postfix_keys: Sequence[str] = ("loss", "lr", "tokens_per_s", "mfu"),
         sync_every_s: float = 60.0,
+        mirror: Any = None,
     ) -> None:
         self.is_main = is_main
         wd = Workdir.at(workdir)
@@ -210,6 +211,7 @@ class MetricsWriter:
         self._lines: list[str] | None = None  # a bucket's metrics.jsonl, rewritten at sync
         self._staging: Path | None = None     # TensorBoard events before their upload
         self._sync_every_s, self._synced_at = sync_every_s, time.monotonic()
+        self._mirror = mirror  # another sink of every record (W&B): log(step, rec), finish()
         self._tb: Any = None  # tensorboardX.SummaryWriter, imported only when used
         self._bar: tqdm | None = None
         if not is_main:
@@ -267,6 +269,8 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+        if self._mirror is not None:
+            self._mirror.log(step, record)
         if self._bar is not None:
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
@@ -306,6 +310,9 @@ class MetricsWriter:
                 self.sync()
         finally:
             self._lines = None
+            if self._mirror is not None:
+                self._mirror.finish()
+                self._mirror = None
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None

@@ -7,6 +7,7 @@
     WORKDIR/metrics.jsonl          one JSON object per step
     WORKDIR/tb/                    TensorBoard events
     WORKDIR/.lock                  the trainer holding the run (kronjax.lock)
+    WORKDIR/wandb.json             the W&B run id a resume continues (kronjax.wandb_sink)
 
 A workdir is a local path or a gs:// URL (`kronjax.storage.as_path`); the same code serves
 both. Everything that reads or writes a run's files asks a `Workdir` for their names.
@@ -20,7 +21,7 @@ from typing import Any
 
 from kronjax import storage
 
-__all__ = ["CHECKPOINTS", "CONFIG", "CONFIG_HISTORY", "LOCK", "METRICS", "TENSORBOARD",
+__all__ = ["CHECKPOINTS", "CONFIG", "CONFIG_HISTORY", "LOCK", "METRICS", "TENSORBOARD", "WANDB",
            "Workdir"]
 
 CHECKPOINTS = "checkpoints"
@@ -29,6 +30,7 @@ CONFIG_HISTORY = "config_history.jsonl"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 LOCK = ".lock"
+WANDB = "wandb.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,10 @@ class Workdir:
     @property
     def lock(self) -> Any:
         return self.root / LOCK
+
+    @property
+    def wandb(self) -> Any:
+        return self.root / WANDB
 
     def create(self) -> None:
         """Make the directory (a bucket has no directories: nothing to make there)."""
