@@ -63,10 +63,17 @@ def plot_norms(runs: Runs, path: Any) -> None:
                    "norm drift (÷ first logged step)"), "step", "Frobenius norm", draw)
 
 
+def _tokens(x: float, _pos: Any = None) -> str:
+    """Tick label for a token count: 0, 50k, 1.2M."""
+    return f"{x / 1e6:g}M" if abs(x) >= 1e6 else f"{x / 1e3:g}k" if abs(x) >= 1e3 else f"{x:g}"
+
+
 def plot_gap_curves(gap_curves: Sequence[Mapping[str, Any]], path: Any,
                     metric: str = "val_loss") -> None:
     """Paired gap (arm - reference) at every evaluation against tokens seen, one panel per
     reference: the seed mean with its 95% paired-t band, thin lines per seed, and zero."""
+    from matplotlib.ticker import FuncFormatter
+
     chosen = [g for g in gap_curves if g["metric"] == metric]
     refs = list(dict.fromkeys(g["reference"] for g in chosen))
     arms = list(dict.fromkeys(g["arm"] for g in chosen))
@@ -86,6 +93,7 @@ def plot_gap_curves(gap_curves: Sequence[Mapping[str, Any]], path: Any,
                 for seed in pts[0]["per_seed"] if pts else ():
                     ax.plot(x, [p["per_seed"][seed] for p in pts], color=color, lw=0.8,
                             alpha=0.4)
+            ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
     unit = "nats / token" if metric == "val_loss" else "bits / byte"
     _panels(path, [f"paired gap to {r} (band: 95% paired t)" for r in refs],
             "tokens seen", f"{metric} gap, {unit}", draw)

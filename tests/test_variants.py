@@ -161,3 +161,10 @@ def test_report_with_a_variant_and_the_gap_curve(tmp_path: Path,
     assert (out / "gap_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert compare.main(args[:3] + ["bpe_tied,kron_2l"] + args[4:]) == 1
     assert "kron_1l" in capsys.readouterr().err  # names the valid variants
+
+
+def test_token_tick_labels() -> None:
+    from kronjax import plots
+
+    assert [plots._tokens(x) for x in (0, 512, 51_200, 800_000, 1_200_000)] == [
+        "0", "512", "51.2k", "800k", "1.2M"]
