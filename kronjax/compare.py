@@ -40,7 +40,7 @@ from kronjax import stats
 from kronjax import storage
 from kronjax import variants as variants_lib
 from kronjax.metrics import read_metrics
-from kronjax.stats import curves, mean_curve  # noqa: F401  (compare.curves, as before)
+from kronjax.stats import curves, mean_curve
 from kronjax.workdir import Workdir
 
 log = logging.getLogger("kronjax.compare")
@@ -329,8 +329,10 @@ def report(out: str | Path, arms: Sequence[str], seeds: Sequence[int],
     summary.update(dict(extra or {}))
     plots.plot_curves(runs, out / "loss_curves.png")
     plots.plot_norms(runs, out / "norm_drift.png")
-    plots.plot_gap_curves(summary["gap_curves"], out / "gap_curve.png")
-    summary["plots"] = ["loss_curves.png", "norm_drift.png", "gap_curve.png"]
+    summary["plots"] = ["loss_curves.png", "norm_drift.png"]
+    if summary["gap_curves"]:  # one arm alone has no gap
+        plots.plot_gap_curves(summary["gap_curves"], out / "gap_curve.png")
+        summary["plots"].append("gap_curve.png")
     md = to_markdown(summary)
     storage.write_bytes(out / "summary.md", md.encode("utf-8"))
     storage.write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
