@@ -4,8 +4,12 @@
 Trains every arm x seed into DIR/<arm>_s<seed> with kronjax.train, then reports per arm the
 mean ± std (ddof=1) of the final validation loss and bits per byte, the per-seed values, the
 gap of each arm to each reference arm (default: the first) with a 95% paired-t interval over
-the per-seed differences and a 95% Welch-t interval, steps-to-match, and PNG plots of the loss
-curves and the input-side norm drift (DIR/summary.{md,json}, *.png).
+the per-seed differences and a 95% Welch-t interval, the same paired gap at every evaluation
+against tokens seen (the gap curve), steps-to-match, and PNG plots of the loss curves, the
+input-side norm drift and the gap curve (DIR/summary.{md,json}, *.png).
+
+An "arm" may also be a variant the config file defines with get_variants(), e.g. kron_8l =
+kron with model.n_layer=8 (kronjax/variants.py): `--arms bpe_untied,kron_8l`.
 
 Paired by design: every arm runs with the same seeds, and a seed fixes the data order and the
 init of every parameter outside the input side (Flax derives each module's init key from its
@@ -20,7 +24,6 @@ different config is an error, never silently mixed in. `--seeds N` means seeds 0
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -32,10 +35,12 @@ import numpy as np
 
 from kronjax import loop as train_lib
 from kronjax import config as config_lib
+from kronjax import plots
 from kronjax import stats
 from kronjax import storage
+from kronjax import variants as variants_lib
 from kronjax.metrics import read_metrics
-from kronjax.model import ARMS
+from kronjax.stats import curves, mean_curve
 from kronjax.workdir import Workdir
 
 log = logging.getLogger("kronjax.compare")
@@ -56,13 +61,9 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm}_s{seed}"
 
 
-def parse_arms(text: str) -> list[str]:
-    arms = [a.strip() for a in text.split(",") if a.strip()]
-    if bad := [a for a in arms if a not in ARMS]:
-        raise ValueError(f"unknown arms {bad}; valid arms are {', '.join(ARMS)}")
-    if len(set(arms)) != len(arms) or not arms:
-        raise ValueError(f"--arms needs distinct arm names; got {text!r}")
-    return arms
+def parse_arms(text: str, variants: variants_lib.Variants | None = None) -> list[str]:
+    """'bpe_untied,kron_8l' -> names, each an arm or one of the config file's variants."""
+    return variants_lib.parse_names(text, variants or {})
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -80,9 +81,10 @@ def parse_seeds(text: str) -> list[int]:
     return vals
 
 
-def run_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:
-    cfg = copy.deepcopy(base)
-    cfg.model.arm = arm
+def run_config(base: ml_collections.ConfigDict, arm: str, seed: int,
+               variants: variants_lib.Variants | None = None) -> ml_collections.ConfigDict:
+    """The config one run trains with: the base, the arm's (or variant's) settings, the seed."""
+    cfg = variants_lib.apply(base, variants_lib.settings_of(arm, variants or {}), arm)
     cfg.seed = seed
     if "log" in cfg and cfg.log.get("wandb") and not cfg.log.get("wandb_name"):
         cfg.log.wandb_name = run_name(arm, seed)  # W&B: one run per arm and seed ...
@@ -130,7 +132,7 @@ def check_run_dir(workdir: Any, cfg: ml_collections.ConfigDict) -> None:
 
 
 def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence[int],
-            out: str | Path) -> dict[str, str]:
+            out: str | Path, variants: variants_lib.Variants | None = None) -> dict[str, str]:
     """Train (or skip, or resume) every arm x seed; returns {run name: what happened}.
 
     Stops early, returning "preempted" for that run, when train was told to stop (SIGTERM).
@@ -138,7 +140,8 @@ def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence
     out = storage.as_path(out)
     steps = int(cfg.train.steps)
     # Seed-major: an interrupted comparison still holds every arm for its finished seeds.
-    jobs = [(a, s, run_config(cfg, a, s), out / run_name(a, s)) for s in seeds for a in arms]
+    jobs = [(a, s, run_config(cfg, a, s, variants), out / run_name(a, s))
+            for s in seeds for a in arms]
     for _, _, rcfg, wd in jobs:  # check every directory before training anything
         check_run_dir(wd, rcfg)
     status: dict[str, str] = {}
@@ -161,17 +164,6 @@ def run_all(cfg: ml_collections.ConfigDict, arms: Sequence[str], seeds: Sequence
 
 
 # -- summary ---------------------------------------------------------------------------------------
-def curves(records: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
-
-
-def mean_curve(per_seed: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """Mean over seeds at the steps every seed has."""
-    maps = [dict(c) for c in per_seed]
-    common = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
-    return [(s, float(np.mean([m[s] for m in maps]))) for s in common]
-
-
 def final_values(runs: Runs, steps: int) -> dict[str, dict[str, dict[int, float]]]:
     """{arm: {metric: {seed: value at the final step}}}; an unfinished run is an error."""
     finals: dict[str, dict[str, dict[int, float]]] = {}
@@ -187,18 +179,37 @@ def final_values(runs: Runs, steps: int) -> dict[str, dict[str, dict[int, float]
     return finals
 
 
-def input_params(runs: Runs) -> dict[str, int | None]:
-    """Each arm's input-side parameter count, from the step-0 record train writes."""
+def param_counts(runs: Runs, key: str = "params_input_side") -> dict[str, int | None]:
+    """Each arm's parameter count `key` (params_input_side, params_total, ...), from the
+    step-0 record train writes; None where the seeds disagree or none recorded it."""
     out: dict[str, int | None] = {}
     for arm, seeds in runs.items():
-        counts = {r["params_input_side"] for recs in seeds.values() for r in recs
-                  if r.get("params_input_side") is not None}
+        counts = {r[key] for recs in seeds.values() for r in recs if r.get(key) is not None}
         out[arm] = counts.pop() if len(counts) == 1 else None
     return out
 
 
+def input_params(runs: Runs) -> dict[str, int | None]:
+    return param_counts(runs, "params_input_side")
+
+
+def gap_curves(runs: Runs, pairs: Sequence[tuple[str, str]], tokens_per_step: int | None
+               ) -> list[dict[str, Any]]:
+    """Paired gap arm - reference at every evaluation, per (arm, reference) and metric."""
+    out = []
+    for ref, b in pairs:
+        for metric in ("val_loss", "val_bpb"):
+            pts = stats.paired_curve({s: curves(r, metric) for s, r in runs[ref].items()},
+                                     {s: curves(r, metric) for s, r in runs[b].items()})
+            for p in pts:
+                p["tokens"] = p["step"] * tokens_per_step if tokens_per_step else p["step"]
+            out.append({"arm": b, "reference": ref, "metric": metric, "points": pts})
+    return out
+
+
 def summarise(runs: Runs, steps: int, eval_every: int,
-              references: Sequence[str] | None = None) -> dict[str, Any]:
+              references: Sequence[str] | None = None,
+              tokens_per_step: int | None = None) -> dict[str, Any]:
     """Statistics from {arm: {seed: metrics records}}.
 
     Every arm is compared with each reference arm (default: the first arm) twice: Welch's
@@ -214,6 +225,7 @@ def summarise(runs: Runs, steps: int, eval_every: int,
     summary: dict[str, Any] = {
         "steps": steps, "eval_every": eval_every, "reference_arm": refs[0],
         "reference_arms": refs, "input_params": input_params(runs),
+        "total_params": param_counts(runs, "params_total"), "tokens_per_step": tokens_per_step,
         "arms": {a: {m: stats.mean_std(list(v.values())) for m, v in finals[a].items()}
                  | {"seeds": list(runs[a])} for a in arms},
         "per_seed": {a: {m: {str(k): x for k, x in v.items()} for m, v in finals[a].items()}
@@ -225,15 +237,17 @@ def summarise(runs: Runs, steps: int, eval_every: int,
                   "95% paired-t interval",
                   "std is the sample std (ddof=1) over seeds",
                   f"validation is measured every {eval_every} steps (and at the last); "
-                  "steps-to-match interpolates linearly between evaluations"]}
-    for ref in refs:
-        for b in (a for a in arms if a != ref):
-            for metric in ("val_loss", "val_bpb"):
-                ra, rb = finals[ref][metric], finals[b][metric]
-                summary["gaps"].append({"arm": b, "reference": ref, "metric": metric,
-                                        **stats.welch(list(ra.values()), list(rb.values()))})
-                summary["paired"].append({"arm": b, "reference": ref, "metric": metric,
-                                          **stats.paired(ra, rb)})
+                  "steps-to-match interpolates linearly between evaluations",
+                  "gap curve: the paired gap at every evaluation, tokens seen = step x "
+                  f"{tokens_per_step or '1 (unknown: tokens are steps)'} tokens per step"]}
+    pairs = [(ref, b) for ref in refs for b in arms if b != ref]
+    summary["gap_curves"] = gap_curves(runs, pairs, tokens_per_step)
+    for (ref, b), metric in ((pair, m) for pair in pairs for m in ("val_loss", "val_bpb")):
+        ra, rb = finals[ref][metric], finals[b][metric]
+        summary["gaps"].append({"arm": b, "reference": ref, "metric": metric,
+                                **stats.welch(list(ra.values()), list(rb.values()))})
+        summary["paired"].append({"arm": b, "reference": ref, "metric": metric,
+                                  **stats.paired(ra, rb)})
     val_curves = {a: mean_curve([curves(r, "val_loss") for r in runs[a].values()]) for a in arms}
     for a in arms:
         for b in arms:
@@ -255,12 +269,18 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
     refs = summary["reference_arms"]
     lines = [f"## Arm comparison ({summary['steps']} steps, reference arm(s) "
              f"{', '.join(f'`{r}`' for r in refs)})", "",
-             "| arm | seeds | input-side params | final val loss (nats) | val bits/byte |",
-             "|---|---|---|---|---|"]
+             "| arm | seeds | input-side params | total params | final val loss (nats) "
+             "| val bits/byte |", "|---|---|---|---|---|---|"]
     for arm, d in summary["arms"].items():
-        n_in = summary["input_params"].get(arm)
+        n_in, n_all = (summary.get(k, {}).get(arm) for k in ("input_params", "total_params"))
         lines.append(f"| {arm} | {d['val_loss']['n']} | {'-' if n_in is None else f'{n_in:,}'} "
+                     f"| {'-' if n_all is None else f'{n_all:,}'} "
                      f"| {pm(d['val_loss'])} | {pm(d['val_bpb'])} |")
+    if summary.get("variants"):
+        lines += ["", "Variants (the config file's get_variants(); a single run is "
+                  "`python -m kronjax.train` with the config and these flags):", ""]
+        lines += [f"- `{name}`: `{variants_lib.train_flags(settings)}`"
+                  for name, settings in summary["variants"].items()]
     seeds = sorted({s for per in summary["per_seed"].values() for s in per["val_loss"]}, key=int)
     lines += ["", "Per seed, final val loss / bits per byte:", "",
               "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
@@ -277,6 +297,14 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
         per = ", ".join(f"{v:+.4f}" for v in p["per_seed"].values())
         lines.append(f"| {p['arm']} − {p['reference']} | {p['metric']} | {p['diff']:+.4f} | "
                      f"{_ci(p)} | {per} | {w['diff']:+.4f} | {_ci(w)} |")
+    lines += ["", "Paired gap at every evaluation (val loss in nats, arm − reference):", "",
+              "| arm − reference | step | tokens seen | paired gap | paired 95% CI | per seed |",
+              "|---|---|---|---|---|---|"]
+    for g in (g for g in summary.get("gap_curves", []) if g["metric"] == "val_loss"):
+        for p in g["points"]:
+            per = ", ".join(f"{v:+.4f}" for v in p["per_seed"].values())
+            lines.append(f"| {g['arm']} − {g['reference']} | {p['step']} | {p['tokens']:,} "
+                         f"| {p['diff']:+.4f} | {_ci(p)} | {per} |")
     lines += ["", "| arm | reaches final val loss of | at step | × target arm's steps | note |",
               "|---|---|---|---|---|"]
     for m in summary["steps_to_match"]:
@@ -289,66 +317,24 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- plots ----------------------------------------------------------------------------------------
-def _two_panels(path: Any, titles: tuple[str, str], ylabel: str, draw: Any) -> None:
-    """A 1x2 figure saved as PNG; matplotlib's Figure API (no pyplot: no GUI, no global state)."""
-    import io
-
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2)
-    draw(axes)
-    for ax, title in zip(axes, titles):
-        ax.set(title=title, xlabel="step", ylabel=ylabel)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    storage.write_bytes(path, png.getvalue())
-
-
-def plot_curves(runs: Runs, path: Any) -> None:
-    """Train and validation loss per arm: thin lines per seed, thick the seed mean."""
-    def draw(axes: Any) -> None:
-        for i, (arm, seeds) in enumerate(runs.items()):
-            for key, ax in (("loss", axes[0]), ("val_loss", axes[1])):
-                per_seed = [c for c in (curves(r, key) for r in seeds.values()) if c]
-                for c in per_seed:
-                    ax.plot(*zip(*c), color=f"C{i}", alpha=0.3, lw=0.8)
-                if m := mean_curve(per_seed):
-                    ax.plot(*zip(*m), color=f"C{i}", lw=2, label=arm,
-                            marker="o" if key == "val_loss" else None)
-    _two_panels(path, ("train loss", "validation loss"), "nats / token", draw)
-
-
-def plot_norms(runs: Runs, path: Any) -> None:
-    """Input-side matrix norm over steps: absolute, and relative to its first logged value."""
-    def draw(axes: Any) -> None:
-        for i, (arm, seeds) in enumerate(runs.items()):
-            for j, recs in enumerate(seeds.values()):
-                if c := curves(recs, "input_norm"):
-                    s, v = zip(*c)
-                    label = arm if j == 0 else None
-                    axes[0].plot(s, v, color=f"C{i}", label=label)
-                    axes[1].plot(s, np.asarray(v) / v[0], color=f"C{i}", label=label)
-    _two_panels(path, ("input-side norm (table V×d or projection C×d)",
-                       "norm drift (÷ first logged step)"), "Frobenius norm", draw)
-
-
 def report(out: str | Path, arms: Sequence[str], seeds: Sequence[int],
            cfg: ml_collections.ConfigDict, extra: Mapping[str, Any] | None = None,
-           references: Sequence[str] | None = None) -> dict[str, Any]:
+           references: Sequence[str] | None = None,
+           variants: variants_lib.Variants | None = None) -> dict[str, Any]:
     """Read every run's metrics, write summary.{md,json} and the plots; returns the summary."""
     out = storage.as_path(out)
     runs = {a: {s: read_metrics(Workdir.at(out / run_name(a, s)).metrics) for s in seeds}
             for a in arms}
-    summary = summarise(runs, int(cfg.train.steps), int(cfg.train.eval_every), references)
+    summary = summarise(runs, int(cfg.train.steps), int(cfg.train.eval_every), references,
+                        int(cfg.train.batch_size) * int(cfg.model.block_size))
+    summary["variants"] = {a: dict(variants[a]) for a in arms if a in (variants or {})}
     summary.update(dict(extra or {}))
-    plot_curves(runs, out / "loss_curves.png")
-    plot_norms(runs, out / "norm_drift.png")
+    plots.plot_curves(runs, out / "loss_curves.png")
+    plots.plot_norms(runs, out / "norm_drift.png")
     summary["plots"] = ["loss_curves.png", "norm_drift.png"]
+    if summary["gap_curves"]:  # one arm alone has no gap
+        plots.plot_gap_curves(summary["gap_curves"], out / "gap_curve.png")
+        summary["plots"].append("gap_curve.png")
     md = to_markdown(summary)
     storage.write_bytes(out / "summary.md", md.encode("utf-8"))
     storage.write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -363,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(config_lib.DEFAULT_CONFIG))
     parser.add_argument("--arms", default="bpe_tied,kron",
-                        help="comma-separated; the first is the default reference")
+                        help="comma-separated arms or config variants (get_variants); the "
+                             "first is the default reference")
     parser.add_argument("--reference", default="",
                         help="arm(s) every other arm is compared with, comma-separated "
                              "(e.g. bpe_untied,bpe_tied); default: the first of --arms")
@@ -379,8 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging()  # the trainer's own handler: absl configured the root logger first
     try:
-        arms, seeds = parse_arms(args.arms), parse_seeds(args.seeds)
-        refs = parse_arms(args.reference) if args.reference else arms[:1]
+        variants = variants_lib.load(args.config)
+        arms, seeds = parse_arms(args.arms, variants), parse_seeds(args.seeds)
+        refs = parse_arms(args.reference, variants) if args.reference else arms[:1]
         if bad := [r for r in refs if r not in arms]:
             raise ValueError(f"--reference {bad} must be among --arms {arms}")
         cfg = config_lib.build_config(args.config, overrides)
@@ -392,13 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report_only:
             for a in arms:
                 for s in seeds:
-                    check_run_dir(out / run_name(a, s), run_config(cfg, a, s))
-        status = {} if args.report_only else run_all(cfg, arms, seeds, out)
+                    check_run_dir(out / run_name(a, s), run_config(cfg, a, s, variants))
+        status = {} if args.report_only else run_all(cfg, arms, seeds, out, variants)
         if "preempted" in status.values():
             return 0
         summary = report(out, arms, seeds, cfg, {"config": args.config,
                                                  "overrides": [list(o) for o in overrides],
-                                                 "runs": status}, refs)
+                                                 "runs": status}, refs, variants)
     except (ValueError, FileNotFoundError) as e:
         print(f"python -m kronjax.compare: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, storage.StorageError) else 1

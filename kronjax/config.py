@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Sequence
 
 import ml_collections
@@ -32,8 +33,8 @@ class ConfigError(UserError):
     """A config file or override that cannot be applied."""
 
 
-def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
-    """Import a config file and call its get_config()."""
+def load_module(path: str | Path) -> ModuleType:
+    """Import a config file as a module (get_config, and optionally get_variants)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; the shipped ones are in "
@@ -42,6 +43,12 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    """Import a config file and call its get_config()."""
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config() function")
     cfg = module.get_config()

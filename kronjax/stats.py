@@ -110,3 +110,31 @@ def steps_to_match(curve_b: Sequence[tuple[int, float]], target: float, a_steps:
     last = pts[-1][0] if pts else None
     return {"step": None, "ratio": None, "first_eval_step": None, "exact": False,
             "note": f"not reached within {last} steps"}
+
+
+def curves(records: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) for every metrics record that has `key`."""
+    return [(int(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
+
+
+def mean_curve(per_seed: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Mean over seeds at the steps every seed has."""
+    maps = [dict(c) for c in per_seed]
+    common = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
+    return [(s, float(np.mean([m[s] for m in maps]))) for s in common]
+
+
+def paired_curve(a: Mapping[int, Sequence[tuple[int, float]]],
+                 b: Mapping[int, Sequence[tuple[int, float]]]) -> list[dict[str, Any]]:
+    """`paired` (b - a) at every step all the seeds both arms have were evaluated at.
+
+    {seed: [(step, value)]} per arm; one final value hides whether a gap is closing, opening
+    or crossing zero as the data grow, which is what a comparison at a fixed budget is asked.
+    """
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError(f"no seed in common: {sorted(a)} against {sorted(b)}")
+    ma, mb = {s: dict(a[s]) for s in seeds}, {s: dict(b[s]) for s in seeds}
+    steps = sorted(set.intersection(*(set(ma[s]) & set(mb[s]) for s in seeds)))
+    return [{"step": t, **paired({s: ma[s][t] for s in seeds}, {s: mb[s][t] for s in seeds})}
+            for t in steps]
