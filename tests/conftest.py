@@ -11,10 +11,21 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     """Keep Hypothesis's example database and constants cache out of the checkout: they record
-    absolute paths of the machine that ran the tests. No persistent compilation cache unless a
-    test names one (tests/test_compile_cache.py): some tests time a compile (a SIGTERM lands
-    during one), and none should fill the user's ~/.cache/kronjax/xla."""
-    os.environ.setdefault("KRONJAX_COMPILE_CACHE", "off")
+    absolute paths of the machine that ran the tests.
+
+    One persistent compilation cache for the whole run, in a fresh temporary folder (never the
+    user's ~/.cache/kronjax/xla): the suite compiles the same tiny programs in dozens of tests
+    and subprocesses, and each is compiled once. Set before jax is imported (JAX_* variables
+    are read then), for this process and every process a test starts; kronjax's own runs use
+    it through KRONJAX_COMPILE_CACHE. KRONJAX_TEST_COMPILE_CACHE=off turns it off."""
+    chosen = os.environ.get("KRONJAX_TEST_COMPILE_CACHE", "")
+    if chosen.lower() in ("off", "none"):
+        os.environ["KRONJAX_COMPILE_CACHE"] = "off"
+    else:
+        cache = chosen or tempfile.mkdtemp(prefix="kronjax-test-xla-")
+        os.environ["KRONJAX_COMPILE_CACHE"] = cache
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
         from hypothesis.configuration import set_hypothesis_home_dir
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -257,7 +258,10 @@ def test_sigterm_saves_and_exits_zero(full_run: Path, data_dir: Path, tmp_path: 
             str(tmp_path), *[f"--config.{k}={v}" for k, v in {
                 "data.dir": data_dir, "train.steps": 8, "train.checkpoint_every": 4,
                 "train.eval_every": 4, "train.batch_size": 4, "optim.warmup_steps": 2}.items()]]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # No compilation cache: the signal must land while the step compiles.
+    env = {**os.environ, "KRONJAX_COMPILE_CACHE": "off", "JAX_COMPILATION_CACHE_DIR": ""}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     deadline = time.time() + 120
     metrics = tmp_path / "metrics.jsonl"
     # The step-0 line is written just before the step compiles (seconds): the signal lands
