@@ -148,6 +148,24 @@ def _to_python(key: str, value: Any) -> Any:
     raise TypeError(f"metric {key!r}: unsupported dtype {arr.dtype}")
 
 
+def _summary_writer() -> Any:
+    """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet:
+    tensorboardX imports torch (2-4 s of every run's start when the export extra is
+    installed) only to accept torch tensors, and kronjax writes Python floats."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # "not installed", for this import
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 def parse_records(text: str) -> dict[int, dict[str, Any]]:
     """{step: the last record of that step} of a metrics.jsonl text; a line cut short by a
     crash (or anything else that is not a JSON object with an integer step) is skipped."""
@@ -226,8 +244,7 @@ class MetricsWriter:
                 self._file.write("\n")
                 self._file.flush()
         if use_tensorboard:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer()
             if self._remote:
                 self._staging = Path(tempfile.mkdtemp(prefix="kronjax-tb-"))
             logdir = self._staging if self._remote else wd.tensorboard
