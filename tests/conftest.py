@@ -18,6 +18,13 @@ def pytest_configure(config: pytest.Config) -> None:
     and subprocesses, and each is compiled once. Set before jax is imported (JAX_* variables
     are read then), for this process and every process a test starts; kronjax's own runs use
     it through KRONJAX_COMPILE_CACHE. KRONJAX_TEST_COMPILE_CACHE=off turns it off."""
+    # XLA:CPU's backend at -O0, without LLVM's expensive passes: compiles take about 40% less
+    # CPU time and the tests compare numbers, not speed (the benchmarks set their own flags).
+    # Every process of the run gets the same flags, so runs compared bit for bit agree.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = (f"{flags} --xla_backend_optimization_level=0"
+                                   " --xla_llvm_disable_expensive_passes=true").strip()
     chosen = os.environ.get("KRONJAX_TEST_COMPILE_CACHE", "")
     if chosen.lower() in ("off", "none"):
         os.environ["KRONJAX_COMPILE_CACHE"] = "off"

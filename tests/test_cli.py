@@ -209,7 +209,7 @@ def test_user_errors_are_one_line_before_work_starts(case: str, tiny_data: Path,
         args = train_args(wd, tmp_path / "data", **{"data.source": tmp_path / "empty.txt"})
         expected = ("empty.txt", "holds no text")
     else:
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
         env["JAX_PLATFORMS"] = "cpu"
         args = train_args(wd, tiny_data, **{"train.batch_size": 6, "mesh.data": 4})
         expected = ("train.batch_size 6", "4 data-parallel devices (data=4)",

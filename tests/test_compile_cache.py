@@ -84,11 +84,12 @@ def test_a_run_fills_the_cache_and_a_second_process_compiles_from_it(
                  "train.compile_cache": xla}
     cfg = config_lib.build_config(config_lib.REPO_CONFIGS / "tiny.py",
                                   [(k, str(v)) for k, v in overrides.items()])
+    before = jax.config.jax_compilation_cache_dir  # the test run's own cache, or None
     train(cfg, tmp_path / "first", stop=lambda: False)
     written = cc.entries(xla)
     for program in ("jit_init_state", "jit_train_step", "jit_eval_step"):
         assert any(name.startswith(program + "-") for name in written), (program, written)
-    assert jax.config.jax_compilation_cache_dir is None  # the run's setting ended with it
+    assert jax.config.jax_compilation_cache_dir == before  # the run's setting ended with it
 
     env = {**os.environ, "JAX_LOG_COMPILES": "1"}  # jax then logs each cache hit
     second = subprocess.run(
