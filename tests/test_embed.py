@@ -50,7 +50,9 @@ def test_params_tree_holds_only_the_projection(vocab: ByteVocab) -> None:
 
 
 def test_drop_in_for_nn_embed_in_a_model(vocab: ByteVocab) -> None:
-    """Same call signature and output shape as nn.Embed, and it trains (grads reach W)."""
+    """Same call signature and output shape as nn.Embed, and it trains: the gradient that
+    reaches W through a Dense layer is K[ids]^T G, where nn.Embed's would be G scattered to
+    the table rows of ids (G = the Dense kernel's row sums at every position)."""
 
     class Tiny(nn.Module):
         embed: nn.Module
@@ -60,11 +62,24 @@ def test_drop_in_for_nn_embed_in_a_model(vocab: ByteVocab) -> None:
             return nn.Dense(3)(self.embed(ids)).sum()
 
     ids = jnp.array([[1, 2], [3, 4]])
+    flat = np.asarray(ids).reshape(-1)
+    k = reference_codec(vocab.rows, vocab.lengths).astype(np.float64)
     for emb in (nn.Embed(16, 8), KroneckerEmbed(vocab, 8)):
         model = Tiny(emb)
         params = model.init(jax.random.key(1), ids)
-        grads = jax.jit(jax.grad(lambda p: model.apply(p, ids)))(params)
-        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+        assert model.apply(params, ids).shape == ()
+        grads = jax.jit(jax.grad(lambda p: model.apply(p, ids)))(params)["params"]
+        kernel = np.asarray(params["params"]["Dense_0"]["kernel"], np.float64)
+        g_rows = np.broadcast_to(kernel.sum(axis=1), (flat.size, 8))  # d(sum)/d(embedding)
+        if isinstance(emb, nn.Embed):
+            want = np.zeros((16, 8))
+            np.add.at(want, flat, g_rows)
+            got = grads["embed"]["embedding"]
+        else:
+            want = k[flat].T @ g_rows
+            got = nn.meta.unbox(grads["embed"]["projection"])
+        assert np.abs(want).max() > 0.1  # the check below is not trivially about zeros
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_matches_formula(vocab: ByteVocab) -> None:

@@ -183,9 +183,14 @@ def test_a_flipped_byte_in_the_newest_checkpoint_falls_back(
 
     url = killed_and_resumed["url"]
     copy = bucket.url("runs", "flipped")
-    storage.filesystem(storage.as_path(url)).copy(url.removeprefix("gs://"),
-                                           copy.removeprefix("gs://"), recursive=True)
-    fs = storage.filesystem(storage.as_path(copy))
+    fs = storage.filesystem(storage.as_path(url))
+    src, dst = url.removeprefix("gs://"), copy.removeprefix("gs://")
+    # The run's files and its two newest checkpoints: all a restore that falls back needs.
+    for obj in fs.ls(src, detail=True):
+        if obj["type"] == "file":
+            fs.copy(obj["name"], dst + obj["name"].removeprefix(src))
+    for step in ("50", "60"):
+        fs.copy(f"{src}/checkpoints/{step}", f"{dst}/checkpoints/{step}", recursive=True)
     data = [p for p in fs.find(copy.removeprefix("gs://") + "/checkpoints/60/state")
             if "/d/" in p]
     assert data, "no array data objects found"
@@ -362,7 +367,11 @@ def test_compare_trains_and_reports_into_a_bucket(bucket: Bucket, tiny_data: Pat
                        "--config.train.eval_every=4", "--config.optim.warmup_steps=1"])
     assert rc == 0
     summary = json.loads(storage.as_path(out + "/summary.json").read_text())
-    assert summary["per_seed"]["kron"]["val_loss"]["0"] > 0
+    records = [json.loads(x) for x in
+               storage.as_path(out + "/kron_s0/metrics.jsonl").read_text().splitlines()]
+    last_val = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    assert summary["per_seed"]["kron"]["val_loss"]["0"] == pytest.approx(last_val, rel=1e-6)
+    assert 4.0 < last_val < 7.0  # a 512-piece vocabulary after 4 steps: near ln(512) = 6.24
     assert (storage.as_path(out) / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

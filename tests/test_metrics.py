@@ -55,11 +55,27 @@ def test_non_main_writes_nothing(tmp_path: Path) -> None:
     assert not workdir.exists()
 
 
+def _tb_scalars(path: Path) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a TensorBoard event file, read record by record
+    (TFRecord framing: u64 length, u32 crc, payload, u32 crc) with tensorboardX's own proto."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, at, out = path.read_bytes(), 0, []
+    while at < len(data):
+        n = int.from_bytes(data[at:at + 8], "little")
+        event = Event.FromString(data[at + 12:at + 12 + n])
+        at += 12 + n + 4
+        out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    return out
+
+
 def test_tensorboard_event_file(tmp_path: Path) -> None:
+    """Every numeric metric becomes a scalar at its step; text stays in the JSONL only."""
     with MetricsWriter(tmp_path, is_main=True, total_steps=3, progress=False) as w:
         w.write(1, {"loss": 2.0, "note": "text is jsonl-only"})
-    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
+        w.write(3, {"loss": 1.5, "lr": 0.25})
+    (events,) = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert sorted(_tb_scalars(events)) == [(1, "loss", 2.0), (3, "loss", 1.5), (3, "lr", 0.25)]
 
 
 def test_progress_bar_tracks_step(tmp_path: Path) -> None:
