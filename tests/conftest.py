@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["KRONJAX_COMPILE_CACHE"] = "off"
     else:
         cache = chosen or tempfile.mkdtemp(prefix="kronjax-test-xla-")
+        os.environ["KRONJAX_TEST_COMPILE_CACHE"] = cache  # pytest-xdist's workers share it
         os.environ["KRONJAX_COMPILE_CACHE"] = cache
         os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -75,3 +77,30 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = config_lib.build_config(config_lib.REPO_CONFIGS / "tiny.py", [("data.dir", str(d))])
     data_cache.ensure_data(cfg, progress=False)
     return d
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: none without it
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most 4 (each worker holds its own jax, its own
+    session fixtures and the tiny runs it needs; more would cost memory, not time)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Whole modules per worker (their module-scoped fixtures - a trained run, an 8-device
+    subprocess - are built once), and the modules that read the shared tiny runs
+    (tests/tiny_runs.py) on one worker, which trains them once. pytest-xdist's loadgroup
+    cannot do this under pytest 9 (it renames node ids through an attribute pytest no longer
+    reads), so this is loadscope with that one grouping."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    here = Path(__file__).parent
+    shared = {p.name for p in here.glob("test_*.py") if "import tiny_runs" in p.read_text()}
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tiny_runs" if Path(module).name in shared else module
+
+    return ByModule(config, log)
