@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from kronjax import data as data_lib
 from kronjax import mesh as mesh_lib
 from kronjax.data import cache as data_cache
 from kronjax.data.tokenizers import KNOWN_VOCAB_SIZES, Tokenizer, load_tokenizer
+from kronjax.errors import UserError
 from kronjax.model import GPT, GPTConfig
 from kronjax.step import (
     CrossEntropy,
@@ -355,6 +355,10 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Workdir) -> Run:
 
 
 # -- a finished run, read back ---------------------------------------------------------------
+class NotARunError(UserError, FileNotFoundError):
+    """A reader's --workdir holds no run it can load (no config, data or checkpoint)."""
+
+
 @dataclasses.dataclass
 class Loaded:
     """A trained run, ready to generate or evaluate: model, params, tokenizer and config."""
@@ -371,20 +375,26 @@ def load_run(workdir: str | Path | Workdir, step: int | None = None) -> Loaded:
     readable checkpoint, or `step`), from a local workdir or a gs:// one."""
     wd = Workdir.at(workdir)
     if not wd.config.is_file():
-        raise FileNotFoundError(f"{wd} holds no config.json: is it a kronjax.train workdir?")
-    cfg = ml_collections.ConfigDict(json.loads(wd.config.read_text()))
+        raise NotARunError(f"{wd} holds no config.json: not a kronjax.train workdir (give the "
+                           "--workdir a training run wrote)")
+    cfg = ml_collections.ConfigDict(config_lib.read_saved_config(wd.config))
     tokenizer = prepared_tokenizer(cfg)
     if tokenizer is None:
-        raise FileNotFoundError(f"the data {wd} was trained on are not in "
+        raise NotARunError(f"the data {wd} was trained on are not in "
                                 f"{data_cache.data_dir_for(cfg)}: prepare them again "
                                 "(python -m kronjax.data prepare) or set data.dir")
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.byte_vocab)
     mcfg, vocab = model.config, model.vocab
-    checkpointer = ckpt.Checkpointer(wd.checkpoints, save_every=1)
+    if not wd.checkpoints.is_dir():
+        raise NotARunError(f"no checkpoint in {wd.checkpoints}: the run has not saved one yet "
+                           "(train.checkpoint_every)")
+    # Read-only: a reader beside a live trainer never cleans, creates or locks anything.
+    checkpointer = ckpt.Checkpointer(wd.checkpoints, save_every=1, read_only=True)
     try:
         meta = checkpointer.read_meta(step)
         if meta is None:
-            raise FileNotFoundError(f"no checkpoint in {wd.checkpoints}")
+            raise NotARunError(f"no checkpoint in {wd.checkpoints}: the run has not saved one "
+                               "yet (train.checkpoint_every)")
         if vocab is not None and meta.get("vocab_fingerprint") != vocab.fingerprint:
             raise ckpt.IncompatibleCheckpointError(
                 f"the tokenizer of {cfg.data.dir or 'the data cache'} gives vocabulary "

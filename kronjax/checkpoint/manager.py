@@ -40,8 +40,9 @@ from etils import epath
 from kronjax import storage
 from kronjax.checkpoint import checksums as checksums_lib
 from kronjax.checkpoint.errors import (CheckpointSaveError, ChecksumMismatch,
-                                       IncompatibleCheckpointError, UnreadableCheckpointError,
-                                       as_json, describe_failure, quiet_orbax)
+                                       IncompatibleCheckpointError, NonFiniteCheckpoint,
+                                       NonFiniteStateError, UnreadableCheckpointError, as_json,
+                                       describe_failure, nonfinite_summary, quiet_orbax)
 
 __all__ = ["UNREADABLE_SUFFIX", "Checkpointer"]
 
@@ -101,6 +102,7 @@ class Checkpointer:
         save_every: int,
         max_to_keep: int | None = 3,
         async_save: bool = True,
+        read_only: bool = False,
     ) -> None:
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
@@ -108,10 +110,17 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}")
         quiet_orbax()
         self.directory = _absolute(directory)
+        self.read_only = read_only
         self._pending: int | None = None      # the step of a save that may still be running
         self._unreadable: dict[int, str] = {}  # step -> why it could not be restored
         policies = ocp.checkpoint_managers
+        # A reader (sample, probes, export, evaluate) beside a live trainer must not touch
+        # the directory: orbax's cleanup of `*.orbax-checkpoint-tmp` would delete the step
+        # the trainer is writing. Read-only: no cleanup, no root directory, no metadata.
         options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
+            save_interval_steps=0, enable_async_checkpointing=False,
+        ) if read_only else ocp.CheckpointManagerOptions(
             # Exactly every `save_every` steps or at a preemption sync point.
             # Orbax's default also saves the first step it sees (InitialSavePolicy).
             save_decision_policy=policies.AnySavePolicy(
@@ -136,7 +145,7 @@ class Checkpointer:
         # a resumed run) would then race two rmtrees over the same files; waiting here makes
         # the cleanup part of opening the directory.
         await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
-        if await_cleanup is not None:
+        if await_cleanup is not None and not read_only:
             await_cleanup()
 
     def all_steps(self) -> list[int]:
@@ -178,6 +187,8 @@ class Checkpointer:
         save, or a previous one still unreported, failed.
         """
         step = int(step)
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only: it cannot be saved to")
         _check_iterator(data_iter)
         try:
             meta_json = as_json(dict(meta))
@@ -199,6 +210,14 @@ class Checkpointer:
                 f"refusing to save step {step} behind the newer step {steps[-1]} in"
                 f" {self.directory}: another run is using this directory; use a fresh --workdir"
             )
+        bad, total = checksums_lib.nonfinite_leaves(state)
+        if bad:
+            kept = (f"the last checkpoint (step {steps[-1]}) is kept" if steps else
+                    "no checkpoint has been saved yet")
+            raise NonFiniteStateError(
+                f"the state at step {step} holds {nonfinite_summary(bad, total)}: the run "
+                f"diverged, and this step is not saved; {kept} in {self.directory}. Lower "
+                "optim.peak_lr (or raise optim.warmup_steps) and rerun.")
         items: dict[str, ocp.args.CheckpointArgs] = {
             "state": ocp.args.StandardSave(state),
             "meta": ocp.args.JsonSave(meta_json),
@@ -312,6 +331,10 @@ class Checkpointer:
                                         f"{'; '.join(bad[:3])} (the files changed after saving)")
         else:
             log.info("checkpoint step %d holds no checksums (an older save): not verified", step)
+        bad, total = checksums_lib.nonfinite_leaves(out["state"])
+        if bad:
+            raise NonFiniteCheckpoint(f"it holds {nonfinite_summary(bad, total)} (saved from "
+                                      "a diverged run)")
         if position is not None:
             data_iter.set_state(json.loads(position.read_text()))
             log.warning("checkpoint written by %s processes, resumed by %d: data position "
@@ -349,10 +372,13 @@ class Checkpointer:
             if tried:
                 log.warning("restored checkpoint step %d instead of %d", steps[i], steps[-1])
             return out
+        why = ("every step holds NaN or inf: the run diverged before its first good save; "
+               "start afresh (a fresh --workdir, a lower optim.peak_lr)"
+               if all("NonFiniteCheckpoint" in t for t in tried) else
+               "move the directory aside (or use a fresh --workdir) to start a new run")
         raise UnreadableCheckpointError(
             f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(tried)
-            + "\nThey are kept as they are; move the directory aside (or use a fresh --workdir)"
-            " to start a new run.")
+            + f"\nThey are kept as they are; {why}.")
 
     def restore(
         self, step: int | None, abstract_state: Any, data_iter: Any, *,
