@@ -45,3 +45,15 @@ def exit_line(prog: str, e: BaseException) -> str:
 
         traceback.print_exception(e)
     return f"{prog}: error: {e}\n"
+
+
+def os_reason(e: BaseException) -> str:
+    """An OSError as a user reads it: "no space left on device (ENOSPC)"; else its text."""
+    code = getattr(e, "errno", None)
+    if not code:
+        return str(e) or type(e).__name__
+    import errno
+    import os
+
+    text = os.strerror(code)
+    return f"{text[:1].lower()}{text[1:]} ({errno.errorcode.get(code, code)})"
