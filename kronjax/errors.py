@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-__all__ = ["UserError", "close_all"]
+__all__ = ["UserError", "close_all", "debug_traceback", "exit_line", "os_reason"]
 
 
 class UserError(ValueError):
@@ -37,13 +37,19 @@ def close_all(*closers: Callable[[], object], after_error: bool) -> None:
         raise first
 
 
-def exit_line(prog: str, e: BaseException) -> str:
-    """The one line a CLI ends with for a UserError (exit code 2), `PROG: error: MESSAGE\\n`;
-    the traceback too, first, at --log-level debug."""
+def debug_traceback(e: BaseException) -> None:
+    """Print e's traceback on stderr at --log-level debug only: otherwise a user's one line
+    stays alone."""
     if logging.getLogger("kronjax").isEnabledFor(logging.DEBUG):
         import traceback
 
         traceback.print_exception(e)
+
+
+def exit_line(prog: str, e: BaseException) -> str:
+    """The line a CLI ends with for a UserError (exit code 2): `PROG: error: MESSAGE`; the
+    traceback too, first, at --log-level debug."""
+    debug_traceback(e)
     return f"{prog}: error: {e}\n"
 
 
