@@ -24,7 +24,7 @@ import pytest
 from kronjax import compare
 from kronjax import config as config_lib
 from kronjax import train as train_cli
-from kronjax.checkpoint import Checkpointer, NonFiniteStateError, UnreadableCheckpointError
+from kronjax.checkpoint import Checkpointer, UnreadableCheckpointError
 from kronjax.metrics import read_metrics
 
 TINY = config_lib.REPO_CONFIGS / "tiny.py"
@@ -33,7 +33,7 @@ TINY = config_lib.REPO_CONFIGS / "tiny.py"
 def _overrides(data: Path, **extra: Any) -> list[tuple[str, str]]:
     base = {"data.dir": str(data), "train.steps": "1000", "train.checkpoint_every": "1",
             "train.eval_every": "1000", "train.log_every": "1000", "train.progress": "False",
-            "model.n_layer": "1"}
+            "model.n_layer": "1", "optim.warmup_steps": "1"}
     base.update({k.replace("__", "."): str(v) for k, v in extra.items()})
     return list(base.items())
 
@@ -167,6 +167,8 @@ def _tree(value: float) -> dict[str, Any]:
 
 
 def test_nonfinite_state_is_never_saved(tmp_path: Path) -> None:
+    from kronjax.checkpoint import NonFiniteStateError
+
     ck = Checkpointer(tmp_path / "c", save_every=1, async_save=False)
     try:
         ck.save(1, _tree(1.0), None, {})
@@ -406,7 +408,7 @@ def test_two_damaged_checkpoints_fall_back_quietly(tmp_path: Path,
             if f.is_file() and f.parent.name == "d":
                 f.write_bytes(b"x" * 10)
     capfd.readouterr()
-    with Checkpointer(tmp_path / "c", save_every=1, read_only=True) as ck:
+    with Checkpointer(tmp_path / "c", save_every=1) as ck:
         state, _ = ck.restore(None, _tree(0.0), None)
     assert float(state["w"][0, 0]) == 1.0
     out, err = capfd.readouterr()
