@@ -268,22 +268,6 @@ def make_plan(cfg: ml_collections.ConfigDict, model: GPT, tx: optax.GradientTran
 
 
 # -- assembly ----------------------------------------------------------------------------------
-def eval_batch_count(asked: int, n_val: int, seq_len: int, batch: int, where: Any) -> int:
-    """data.eval_batches, capped (with a warning) where its windows would overlap: more
-    batches than the val split holds distinct windows add time, not information (100000
-    batches of 2,781 tokens took 49 s to build and 135 s per evaluation)."""
-    distinct = max((n_val - 1) // seq_len, 1)
-    if asked * batch <= distinct:
-        return asked
-    cap = max(distinct // batch, 1)
-    if cap < asked:
-        log.warning("data.eval_batches=%d asks for %s windows of %d tokens, but the val split "
-                    "of %s holds %s distinct ones: evaluating on %d batch(es) instead; set "
-                    "data.eval_batches <= %d", asked, f"{asked * batch:,}", seq_len, where,
-                    f"{distinct:,}", cap, cap)
-    return min(cap, asked)
-
-
 @dataclasses.dataclass
 class Run:
     """A run ready for its first (or next) step: what `kronjax.loop.train` iterates."""
@@ -337,7 +321,7 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Workdir) -> Run:
                             f"model.block_size + 1 = {seq_len + 1}: lower model.block_size, or "
                             f"prepare more data" + (" (a larger data.val_fraction)"
                                                     if split == "val" else ""))
-    n_eval = eval_batch_count(int(cfg.data.eval_batches), len(val_tokens), seq_len,
+    n_eval = data_lib.eval_batch_count(int(cfg.data.eval_batches), len(val_tokens), seq_len,
                               batch_size, ddir)
     # This process's rows: the blocks of every micro-batch its devices hold.
     k, n = mesh_lib.process_rows(plan.micro_sh, plan.micro_shape, batch_dim=1)

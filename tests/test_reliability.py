@@ -335,7 +335,7 @@ def test_result_json_has_null_for_nan() -> None:
 
 # -- item 4: a huge eval_batches is capped, and said --------------------------------------------
 def test_eval_batches_beyond_the_val_split_are_capped(caplog: pytest.LogCaptureFixture) -> None:
-    from kronjax.run import eval_batch_count
+    from kronjax.data import eval_batch_count
 
     with caplog.at_level(logging.WARNING, logger="kronjax"):
         assert eval_batch_count(100000, 2781, 32, 8, "DATA") == 10

@@ -19,6 +19,11 @@ full) raises `CheckpointSaveError` in one line; a background save's failure is
 noticed by `check()`, which the train loop calls after every step. What goes wrong is
 said by `kronjax.checkpoint.errors`; `kronjax.checkpoint.checksums` computes the sums.
 
+A state holding NaN or inf is never saved (`NonFiniteStateError`, checked on device beside
+the checksums), and a restored step holding one is passed over like an unreadable one.
+`read_only=True` (readers beside a live trainer: sample, probes, export) never cleans up a
+save in progress, creates or writes anything.
+
 Everything here must be called on every process (orbax synchronises hosts); the
 directory must be shared storage visible to all of them.
 """
@@ -114,9 +119,7 @@ class Checkpointer:
         self._pending: int | None = None      # the step of a save that may still be running
         self._unreadable: dict[int, str] = {}  # step -> why it could not be restored
         policies = ocp.checkpoint_managers
-        # A reader (sample, probes, export, evaluate) beside a live trainer must not touch
-        # the directory: orbax's cleanup of `*.orbax-checkpoint-tmp` would delete the step
-        # the trainer is writing. Read-only: no cleanup, no root directory, no metadata.
+        # A reader beside a live trainer: orbax's cleanup would delete the step being written
         options = ocp.CheckpointManagerOptions(
             read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
             save_interval_steps=0, enable_async_checkpointing=False,
