@@ -131,10 +131,14 @@ class _OrbaxTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().startswith(_READ_ONLY_NOTES):  # kronjax asked for read-only
             return False
-        if record.levelno < logging.ERROR or not record.exc_info:
+        if record.levelno < logging.ERROR:
             return True
         if logging.getLogger("kronjax").isEnabledFor(logging.DEBUG):
             return True
+        if not record.exc_info:  # asyncio's notes on orbax's tasks left by a failed restore
+            return not (record.name == "asyncio" and record.getMessage().startswith(
+                ("Task was destroyed", "Task exception was never retrieved",
+                 "Future exception was never retrieved")))
         tb = record.exc_info[2]
         where = [record.pathname] + [f.filename for f in traceback.extract_tb(tb)] if tb \
             else [record.pathname]
