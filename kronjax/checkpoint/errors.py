@@ -52,6 +52,15 @@ class ChecksumMismatch(ValueError):
 class NonFiniteStateError(UserError, RuntimeError):
     """The state to be saved holds NaN or inf: it is not saved (the run has diverged)."""
 
+    @classmethod
+    def at(cls, step: int, what: str, saved: Sequence[int], directory: Any
+           ) -> NonFiniteStateError:
+        kept = (f"the last checkpoint (step {saved[-1]}) is kept" if saved else
+                "no checkpoint has been saved yet")
+        return cls(f"the state at step {step} holds {what}: the run diverged, and this step "
+                   f"is not saved; {kept} in {directory}. Lower optim.peak_lr (or raise "
+                   "optim.warmup_steps) and rerun.")
+
 
 class NonFiniteCheckpoint(ValueError):
     """A restored step holds NaN or inf (written before kronjax checked before saving)."""

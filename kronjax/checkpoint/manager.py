@@ -1,28 +1,19 @@
 """The checkpoint manager: train state + grain iterator + JSON metadata, one orbax step each.
 
-A thin wrapper over `ocp.CheckpointManager` (async saves, `max_to_keep`, save
-every N steps) that fixes the items a kronjax run needs so resuming is one
-call: `state` (any pytree of arrays, restored onto the shardings of an abstract
-target), `data` (the grain iterator's position, so no batch is seen twice),
-`meta` (config facts checked before anything is built) and `checksums` (two
-32-bit sums per array, `kronjax.checksums`, compared after every restore). Orbax
-writes each step into `<step>.orbax-checkpoint-tmp` and renames it only once
-every item is written, so a run killed mid-save resumes from the previous
-complete step.
+A thin wrapper over `ocp.CheckpointManager` (async saves, `max_to_keep`, save every N steps)
+with the items a kronjax run needs: `state` (any pytree of arrays, restored onto the
+shardings of an abstract target), `data` (the grain iterator's position), `meta` (config
+facts checked before anything is built) and `checksums` (kronjax.checkpoint.checksums,
+compared after every restore). Orbax writes a step into `<step>.orbax-checkpoint-tmp` and
+renames it once complete, so a run killed mid-save resumes from the previous step.
 
-Restoring the latest step falls back, newest first, past steps that cannot be
-restored (missing or truncated files, a missing item, unreadable metadata, a
-checksum mismatch), each named in a warning; nothing is deleted. Before the next
-save, such steps are moved out of orbax's sight into `<directory>.unreadable/`
-(so `max_to_keep` neither counts nor deletes them). A save that fails (disk
-full) raises `CheckpointSaveError` in one line; a background save's failure is
-noticed by `check()`, which the train loop calls after every step. What goes wrong is
-said by `kronjax.checkpoint.errors`; `kronjax.checkpoint.checksums` computes the sums.
-
-A state holding NaN or inf is never saved (`NonFiniteStateError`, checked on device beside
-the checksums), and a restored step holding one is passed over like an unreadable one.
-`read_only=True` (readers beside a live trainer: sample, probes, export) never cleans up a
-save in progress, creates or writes anything.
+Restoring the latest step falls back, newest first, past steps that cannot be restored
+(missing or truncated files, a missing item, a checksum mismatch, NaN or inf), each named in
+a warning; before the next save they are moved into `<directory>.unreadable/`, never deleted.
+A state holding NaN or inf is never saved (`NonFiniteStateError`). A failed save (disk full)
+is one `CheckpointSaveError` line; `check()` notices a background save's failure.
+`read_only=True` (readers beside a live trainer: sample, probes, export) cleans, creates and
+writes nothing, and reads again the steps a trainer changed under it.
 
 Everything here must be called on every process (orbax synchronises hosts); the
 directory must be shared storage visible to all of them.
@@ -215,12 +206,8 @@ class Checkpointer:
             )
         bad, total = checksums_lib.nonfinite_leaves(state)
         if bad:
-            kept = (f"the last checkpoint (step {steps[-1]}) is kept" if steps else
-                    "no checkpoint has been saved yet")
-            raise NonFiniteStateError(
-                f"the state at step {step} holds {nonfinite_summary(bad, total)}: the run "
-                f"diverged, and this step is not saved; {kept} in {self.directory}. Lower "
-                "optim.peak_lr (or raise optim.warmup_steps) and rerun.")
+            raise NonFiniteStateError.at(step, nonfinite_summary(bad, total), steps,
+                                         self.directory)
         items: dict[str, ocp.args.CheckpointArgs] = {
             "state": ocp.args.StandardSave(state),
             "meta": ocp.args.JsonSave(meta_json),
@@ -356,32 +343,45 @@ class Checkpointer:
         return f"  step {step} ({self.directory / str(step)}): {reason}"
 
     def _newest_readable(self, attempt: Callable[[int], Any]) -> Any:
-        """attempt(step) for each step, newest first, until one succeeds."""
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        tried = []
-        for i in range(len(steps) - 1, -1, -1):
-            try:
-                out = attempt(steps[i])
-                _everywhere(True)
-            except IncompatibleCheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001 - every reason is reported below
-                if not isinstance(e, _FailedElsewhere):
-                    _everywhere(False)
-                tried.append(self._note_unreadable(steps[i], e, steps[i - 1] if i else None))
-                continue
-            if tried:
-                log.warning("restored checkpoint step %d instead of %d", steps[i], steps[-1])
-            return out
-        why = ("every step holds NaN or inf: the run diverged before its first good save; "
-               "start afresh (a fresh --workdir, a lower optim.peak_lr)"
-               if all("NonFiniteCheckpoint" in t for t in tried) else
-               "move the directory aside (or use a fresh --workdir) to start a new run")
+        """attempt(step) for each step, newest first, until one succeeds. Read-only, beside a
+        live trainer: a failure while the trainer saved or deleted steps (max_to_keep) is
+        no damage; the steps are listed again and the newest tried (up to 10 times)."""
+        for _ in range(10 if self.read_only else 1):
+            steps, tried = self.all_steps(), []
+            if not steps:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+            for i in range(len(steps) - 1, -1, -1):
+                try:
+                    out = attempt(steps[i])
+                    _everywhere(True)
+                except IncompatibleCheckpointError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - every reason is reported below
+                    if self.read_only and self._moved_on(steps):
+                        break
+                    if not isinstance(e, _FailedElsewhere):
+                        _everywhere(False)
+                    tried.append(self._note_unreadable(steps[i], e, steps[i - 1] if i else None))
+                    continue
+                if tried:
+                    log.warning("restored checkpoint step %d instead of %d", steps[i], steps[-1])
+                return out
+            else:
+                why = ("every step holds NaN or inf: the run diverged before its first good "
+                       "save; start afresh (a fresh --workdir, a lower optim.peak_lr)"
+                       if all("NonFiniteCheckpoint" in t for t in tried) else
+                       "move the directory aside (or use a fresh --workdir) to start a new run")
+                raise UnreadableCheckpointError(
+                    f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(tried)
+                    + f"\nThey are kept as they are; {why}.")
         raise UnreadableCheckpointError(
-            f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(tried)
-            + f"\nThey are kept as they are; {why}.")
+            f"the checkpoints in {self.directory} changed 10 times while being read (a live "
+            "trainer saving often, keeping few: train.keep_checkpoints); try again")
+
+    def _moved_on(self, steps: list[int]) -> bool:
+        """Whether a live trainer saved or deleted steps since `steps` were listed."""
+        self._mngr.reload()
+        return self.all_steps() != steps
 
     def restore(
         self, step: int | None, abstract_state: Any, data_iter: Any, *,
