@@ -163,6 +163,31 @@ def test_reader_opens_checkpoints_read_only(live: dict[str, Any], tmp_path: Path
     assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before
 
 
+def test_reader_reads_again_when_a_live_trainer_deletes_a_step(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Item 1: the step a reader was reading deleted by the trainer's max_to_keep is no
+    damage: the steps are listed again, the newest restored, no warning."""
+    import shutil
+
+    with Checkpointer(tmp_path / "c", save_every=1, async_save=False) as ck:
+        for s in (1, 2):
+            ck.save(s, _tree(float(s)), None, {})
+    with Checkpointer(tmp_path / "c", save_every=1, read_only=True) as ck:
+        real = ck._restore_step
+
+        def deleted_meanwhile(step: int, *a: Any) -> Any:
+            if step == 2:
+                shutil.rmtree(tmp_path / "c" / "2")  # as the trainer's max_to_keep does
+                raise FileNotFoundError("Checkpoint at .../2 not found.")
+            return real(step, *a)
+
+        ck._restore_step = deleted_meanwhile  # type: ignore[method-assign]
+        with caplog.at_level(logging.WARNING, logger="kronjax"):
+            state, _ = ck.restore(None, _tree(0.0), None)
+    assert float(state["w"][0, 0]) == 1.0
+    assert "cannot be restored" not in caplog.text
+
+
 # -- item 2: a NaN is never saved as good -----------------------------------------------------
 def _tree(value: float) -> dict[str, Any]:
     return {"w": jnp.full((4, 3), value, jnp.float32), "step": jnp.array(0, jnp.int32)}
