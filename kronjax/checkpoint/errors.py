@@ -156,7 +156,9 @@ class _OrbaxTracebacks(logging.Filter):
 
 
 _QUIET: list[bool] = []
-_READ_ONLY_NOTES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
+# orbax's notes on read-only opening, and on a step a live trainer deleted while it was read
+_READ_ONLY_NOTES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True",
+                    "Metadata file does not exist")
 
 
 def quiet_orbax() -> None:
