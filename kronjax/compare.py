@@ -121,7 +121,7 @@ def check_run_dir(workdir: Any, cfg: ml_collections.ConfigDict) -> None:
     wd = Workdir.at(workdir)
     saved = wd.config
     if saved.is_file():
-        diff = config_diff(cfg, json.loads(saved.read_text()))
+        diff = config_diff(cfg, config_lib.read_saved_config(saved))
         if diff:
             raise RunMismatchError(
                 f"{workdir} was trained with a different config ({', '.join(diff)} differ); "

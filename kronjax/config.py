@@ -15,6 +15,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,10 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from kronjax import logfiles
 from kronjax.errors import UserError
+
+log = logging.getLogger("kronjax.config")
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = REPO_CONFIGS / "default.py"
@@ -194,6 +198,20 @@ def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]
     return {k: (_lookup(a, k), _lookup(b, k)) for k in keys if _lookup(a, k) != _lookup(b, k)}
 
 
+def read_saved_config(path: Any) -> dict[str, Any]:
+    """A run's saved config.json as a dict; a damaged one is a ConfigError naming the file."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is damaged ({e}); kronjax.train writes it when a run "
+                          "starts: rerun the training command to rewrite it, or restore it "
+                          "from a copy") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds {type(data).__name__}, not a config object; rerun "
+                          "the training command to rewrite it")
+    return data
+
+
 def record_config(config_json: Any, history: Any, cfg: ml_collections.ConfigDict,
                   step: int) -> None:
     """Write cfg as config_json (what the run uses now) and append it to the history (JSONL,
@@ -202,12 +220,18 @@ def record_config(config_json: Any, history: Any, cfg: ml_collections.ConfigDict
     written before the history existed is kept as its first line (step null: unknown)."""
     current = json.loads(to_json(cfg))
     last: Any = None
-    if history.exists():
-        lines = [line for line in history.read_text().splitlines() if line.strip()]
-        last = json.loads(lines[-1])["config"] if lines else None
+    if history.exists():  # a damaged line is skipped with a warning: it never blocks a resume
+        records = [r for r in logfiles.read_records(history.read_bytes(), str(history))
+                   if isinstance(r.get("config"), dict)]
+        last = records[-1]["config"] if records else None
     elif config_json.exists():
-        last = json.loads(config_json.read_text())
-        if last != current:
+        try:
+            last = json.loads(config_json.read_bytes())
+        except ValueError as e:  # rewritten below: the history keeps what it can
+            log.warning("%s is not valid JSON (%s): it is rewritten with this run's config",
+                        config_json, e)
+            last = None
+        if last is not None and last != current:
             _append(history, {"step": None, "time": None, "config": last})
     if last != current:
         _append(history, {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -221,8 +245,11 @@ def _append(path: Any, record: Mapping[str, Any]) -> None:
     """One more JSON line; a bucket has no append, so there the object is rewritten whole."""
     line = json.dumps(record, sort_keys=True) + "\n"
     if isinstance(path, Path):
+        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            line = "\n" + line  # a line cut short stays alone on its line, skipped by readers
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
     else:
-        old = path.read_text(encoding="utf-8") if path.exists() else ""
-        path.write_text(old + line, encoding="utf-8")
+        old = path.read_bytes() if path.exists() else b""
+        sep = b"\n" if old and not old.endswith(b"\n") else b""
+        path.write_bytes(old + sep + line.encode("utf-8"))

@@ -12,7 +12,9 @@ terminal there is no bar and the lines are plain. Only process 0 prints below WA
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -21,7 +23,8 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["LEVELS", "StepClock", "eval_line", "is_terminal", "setup_logging", "step_line"]
+__all__ = ["LEVELS", "StepClock", "eval_line", "is_terminal", "result_json", "setup_logging",
+           "step_line"]
 
 LOGGER = "kronjax"
 LEVELS = ("debug", "info", "warning", "error")
@@ -123,3 +126,17 @@ def step_line(step: int, total: int, record: Mapping[str, float], eta_s: float |
 def eval_line(step: int, total: int, val_loss: float, val_bpb: float) -> str:
     """`eval step 20/40 | val loss 5.3185 | val bpb 4.0514`."""
     return f"eval step {step}/{total} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}"
+
+
+def result_json(result: Mapping[str, Any]) -> str:
+    """The final stdout line: valid JSON always (a NaN or inf becomes null, as JSON has none)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, Mapping):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(result), allow_nan=False)

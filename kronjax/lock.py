@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from kronjax import storage
-from kronjax.errors import UserError
+from kronjax.errors import UserError, os_reason
 from kronjax.workdir import LOCK, Workdir
 
 __all__ = ["HEARTBEAT_S", "LOCK_FILE", "STALE_S", "BucketLock", "WorkdirBusyError",
@@ -82,6 +82,21 @@ class WorkdirLock:
             return {}
 
     def acquire(self) -> None:
+        workdir = self.path.parent
+        if workdir.exists() and not workdir.is_dir():
+            raise UserError(f"--workdir {workdir} is a file, not a directory: give a directory "
+                            "(a new one for a new run)")
+        if self.path.is_dir():
+            raise UserError(f"{self.path} is a directory, but it must be kronjax's lock file: "
+                            "remove it (rmdir) if no trainer uses this workdir")
+        try:
+            self._acquire()
+        except OSError as e:  # a full disk, a read-only or foreign workdir: said in one line
+            raise UserError(f"cannot write the lock file {self.path}: "
+                            f"{os_reason(e)}; free space or fix the "
+                            "permissions of the workdir, or use another --workdir") from e
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -100,10 +115,14 @@ class WorkdirLock:
                 raise self._busy(holder)
             log.warning("%s names pid %s on %s, which no longer holds it (killed or crashed): "
                         "taking the workdir over", self.path, pid, host)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)  # never keep the flock of a lock that could not be written
+            raise
         self._fd = fd
 
     def _busy(self, holder: dict[str, object]) -> WorkdirBusyError:

@@ -25,6 +25,7 @@ from kronjax import metrics as metrics_lib
 from kronjax import run as run_lib
 from kronjax import signals
 from kronjax import storage, wandb_sink
+from kronjax.errors import UserError, close_all
 from kronjax.lock import workdir_lock
 from kronjax.model import flops_per_token, n_params_nonembedding, param_counts
 from kronjax.workdir import Workdir
@@ -32,14 +33,14 @@ from kronjax.workdir import Workdir
 log = logging.getLogger("kronjax.loop")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss went NaN/inf; the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass
 class RunResult:
     step: int
-    last_loss: float
+    last_loss: float | None   # None when this process trained no step
     val_loss: float | None
     val_bpb: float | None
     preempted: bool
@@ -79,6 +80,12 @@ def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None])
     cfg, plan, state, checkpointer = run.cfg, run.plan, run.state, run.checkpointer
     mcfg = run.model.config
     steps = int(cfg.train.steps)
+    if int(state["step"]) >= steps:  # nothing to do: said, not a silent rc 0
+        checkpointer.close()
+        log.warning("nothing to train: the checkpoint in %s is at step %d and train.steps is "
+                    "%d; raise --config.train.steps above %d to train further",
+                    run.workdir, int(state["step"]), steps, int(state["step"]))
+        return RunResult(int(state["step"]), None, None, None, False)
     counts = param_counts(state["params"], mcfg)
     log.info("params: %s total (input side %s, output head %s, rest %s)",
              *(f"{counts[k]:,}" for k in ("total", "input_side", "head", "rest")))
@@ -96,10 +103,12 @@ def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None])
     rng = plan.key(int(cfg.seed) + 1)
     tokens_per_step = int(cfg.train.batch_size) * mcfg.block_size
     step = int(state["step"])
-    last_loss, val_loss, val_bpb, preempted = float("nan"), None, None, False
+    last_loss: float | None = None
+    val_loss, val_bpb, preempted = None, None, False
     throughput = metrics_lib.Throughput(window=1)  # each step's own rate
     log_every = int(cfg.train.log_every)
     clock, first = console.StepClock(), step + 1
+    failed = True
     try:
         while step < steps:
             batch = plan.place(next(run.data_iter))
@@ -109,10 +118,14 @@ def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None])
             m = jax.device_get(m)
             last_loss = float(m["loss"])
             if not math.isfinite(last_loss):
+                latest = checkpointer.latest_step()
+                kept = (f"the last good checkpoint (step {latest}) is kept in "
+                        f"{checkpointer.directory}" if latest is not None else
+                        "no checkpoint had been saved")
                 raise NonFiniteLossError(
-                    f"loss is {last_loss} at step {step}; stopping without saving, the last "
-                    f"good checkpoint (step {checkpointer.latest_step()}) is kept in "
-                    f"{run.workdir}")
+                    f"loss is {last_loss} at step {step}: the run diverged; stopping without "
+                    f"saving, {kept}. Lower optim.peak_lr (or raise optim.warmup_steps) and "
+                    "rerun.")
             record = {k: float(v) for k, v in m.items()}
             record["tokens_per_s"] = throughput.tick(tokens_per_step) or float("inf")
             mfu = metrics_lib.mfu(record["tokens_per_s"], fpt, jax.device_count(), peak) if peak else None
@@ -141,7 +154,7 @@ def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None])
             if checkpointer.save(step, state, run.data_iter, run.meta, force=step == steps):
                 log.info("checkpoint: saving step %d to %s", step, checkpointer.directory)
                 writer.sync()  # ... and at saves
-    finally:
-        checkpointer.close()
-        writer.close()
+        failed = False
+    finally:  # the first error wins: a cleanup failing after it is kept at debug level
+        close_all(checkpointer.close, writer.close, after_error=failed)
     return RunResult(step, last_loss, val_loss, val_bpb, preempted)

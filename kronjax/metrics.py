@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from kronjax import storage
+from kronjax import logfiles, storage
 from kronjax.workdir import METRICS, TENSORBOARD, Workdir
 
 __all__ = [
@@ -166,27 +166,25 @@ def _summary_writer() -> Any:
     return SummaryWriter
 
 
-def parse_records(text: str) -> dict[int, dict[str, Any]]:
-    """{step: the last record of that step} of a metrics.jsonl text; a line cut short by a
-    crash (or anything else that is not a JSON object with an integer step) is skipped."""
+def parse_records(text: str | bytes, source: str | None = None) -> dict[int, dict[str, Any]]:
+    """{step: the last record of that step} of a metrics.jsonl text; a damaged line (cut short
+    by a crash, not UTF-8, not a JSON object with an integer step) is skipped, with a warning
+    naming `source` and the line where a source is given."""
     by_step: dict[int, dict[str, Any]] = {}
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+    for rec in logfiles.read_records(text, source or "metrics", warn=source is not None):
+        if isinstance(rec.get("step"), int):
             by_step[rec["step"]] = rec
     return by_step
 
 
 def read_metrics(path: str | os.PathLike[str] | Any) -> list[dict[str, Any]]:
     """metrics.jsonl records sorted by step, the last record kept where a resume repeated one
-    (a local path or a gs:// URL; [] if there is no such file)."""
+    (a local path or a gs:// URL; [] if there is no such file). Damaged lines are skipped
+    with a warning that names the file and the line: one stray byte never blocks a report."""
     path = storage.as_path(path)
     if not path.is_file():
         return []
-    by_step = parse_records(path.read_text(encoding="utf-8"))
+    by_step = parse_records(path.read_bytes(), str(path))
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -259,7 +257,7 @@ class MetricsWriter:
         if not self.path.exists():
             return []
         lines = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
             step = parse_records(line)
             if step and next(iter(step)) <= initial_step:
                 lines.append(line + "\n")

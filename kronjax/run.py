@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from kronjax import data as data_lib
 from kronjax import mesh as mesh_lib
 from kronjax.data import cache as data_cache
 from kronjax.data.tokenizers import KNOWN_VOCAB_SIZES, Tokenizer, load_tokenizer
+from kronjax.errors import UserError, os_reason
 from kronjax.model import GPT, GPTConfig
 from kronjax.step import (
     CrossEntropy,
@@ -292,7 +292,10 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Workdir) -> Run:
     """Data (prepared on first use), model, plan, data pipeline, and the state: restored
     from workdir's latest checkpoint (refused if it disagrees with `run_meta`) or new."""
     config_lib.check_run_config(cfg)
-    workdir.create()
+    try:
+        workdir.create()
+    except OSError as e:
+        raise UserError(f"cannot create the workdir {workdir}: {os_reason(e)}") from e
     is_main = jax.process_index() == 0
     # A bar only where it can be drawn and where INFO lines show (not under --quiet).
     progress = (bool(cfg.train.progress) and is_main and console.is_terminal()
@@ -312,6 +315,14 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Workdir) -> Run:
     # Ids >= the tokenizer's size (padding rows included) mean a corrupt file: refused here.
     train_tokens = data_lib.load_split(ddir, "train", vocab_size=n_tok)
     val_tokens = data_lib.load_split(ddir, "val", vocab_size=n_tok)
+    for split, toks in (("train", train_tokens), ("val", val_tokens)):
+        if len(toks) < seq_len + 1:
+            raise UserError(f"the {split} split of {ddir} has {len(toks):,} tokens, fewer than "
+                            f"model.block_size + 1 = {seq_len + 1}: lower model.block_size, or "
+                            f"prepare more data" + (" (a larger data.val_fraction)"
+                                                    if split == "val" else ""))
+    n_eval = data_lib.eval_batch_count(int(cfg.data.eval_batches), len(val_tokens), seq_len,
+                              batch_size, ddir)
     # This process's rows: the blocks of every micro-batch its devices hold.
     k, n = mesh_lib.process_rows(plan.micro_sh, plan.micro_shape, batch_dim=1)
     data_iter = iter(data_lib.train_dataset(
@@ -320,7 +331,7 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Workdir) -> Run:
     ke, ne = mesh_lib.process_rows(plan.eval_sh, plan.eval_shape)
     eval_set = [plan.place_eval(b)
                 for b in data_lib.eval_batches(val_tokens, seq_len=seq_len, batch=batch_size,
-                                               num_batches=int(cfg.data.eval_batches),
+                                               num_batches=n_eval,
                                                process_index=ke, process_count=ne)]
     val = data_meta["splits"]["val"]
     log.info("data: %s (%s) from %s: %s train / %s val tokens", cfg.data.source,
@@ -348,13 +359,22 @@ def assemble(cfg: ml_collections.ConfigDict, workdir: Workdir) -> Run:
         init = functools.partial(init_state, model, tx, int(cfg.seed), seq_len)
         state = jax.jit(init, out_shardings=plan.state_sh)()
     if is_main:
-        config_lib.record_config(workdir.config, workdir.config_history, cfg,
-                                 int(state["step"]))
+        try:
+            config_lib.record_config(workdir.config, workdir.config_history, cfg,
+                                     int(state["step"]))
+        except OSError as e:
+            checkpointer.close()
+            raise UserError(f"cannot write {workdir.config}: {os_reason(e)}; free space or "
+                            "use another --workdir") from e
     return Run(cfg, workdir, model, tx, schedule, plan, meta, state, data_iter, eval_set,
                bytes_per_token, checkpointer, is_main, progress)
 
 
 # -- a finished run, read back ---------------------------------------------------------------
+class NotARunError(UserError, FileNotFoundError):
+    """A reader's --workdir holds no run it can load (no config, data or checkpoint)."""
+
+
 @dataclasses.dataclass
 class Loaded:
     """A trained run, ready to generate or evaluate: model, params, tokenizer and config."""
@@ -371,20 +391,26 @@ def load_run(workdir: str | Path | Workdir, step: int | None = None) -> Loaded:
     readable checkpoint, or `step`), from a local workdir or a gs:// one."""
     wd = Workdir.at(workdir)
     if not wd.config.is_file():
-        raise FileNotFoundError(f"{wd} holds no config.json: is it a kronjax.train workdir?")
-    cfg = ml_collections.ConfigDict(json.loads(wd.config.read_text()))
+        raise NotARunError(f"{wd} holds no config.json: not a kronjax.train workdir (give the "
+                           "--workdir a training run wrote)")
+    cfg = ml_collections.ConfigDict(config_lib.read_saved_config(wd.config))
     tokenizer = prepared_tokenizer(cfg)
     if tokenizer is None:
-        raise FileNotFoundError(f"the data {wd} was trained on are not in "
+        raise NotARunError(f"the data {wd} was trained on are not in "
                                 f"{data_cache.data_dir_for(cfg)}: prepare them again "
                                 "(python -m kronjax.data prepare) or set data.dir")
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.byte_vocab)
     mcfg, vocab = model.config, model.vocab
-    checkpointer = ckpt.Checkpointer(wd.checkpoints, save_every=1)
+    if not wd.checkpoints.is_dir():
+        raise NotARunError(f"no checkpoint in {wd.checkpoints}: the run has not saved one yet "
+                           "(train.checkpoint_every)")
+    # Read-only: a reader beside a live trainer never cleans, creates or locks anything.
+    checkpointer = ckpt.Checkpointer(wd.checkpoints, save_every=1, read_only=True)
     try:
         meta = checkpointer.read_meta(step)
         if meta is None:
-            raise FileNotFoundError(f"no checkpoint in {wd.checkpoints}")
+            raise NotARunError(f"no checkpoint in {wd.checkpoints}: the run has not saved one "
+                               "yet (train.checkpoint_every)")
         if vocab is not None and meta.get("vocab_fingerprint") != vocab.fingerprint:
             raise ckpt.IncompatibleCheckpointError(
                 f"the tokenizer of {cfg.data.dir or 'the data cache'} gives vocabulary "

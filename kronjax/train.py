@@ -29,7 +29,7 @@ import ml_collections
 from kronjax import config as config_lib
 from kronjax import console
 from kronjax import storage
-from kronjax.errors import UserError
+from kronjax.errors import UserError, exit_line
 from kronjax.loop import train
 
 
@@ -100,9 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = train(cfg, workdir)
     except UserError as e:  # a setting or a busy workdir: the message says what to do
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        parser.exit(2, exit_line(parser.prog, e))
     if jax.process_index() == 0:
-        print(json.dumps({"workdir": str(workdir), **dataclasses.asdict(result)}))
+        print(console.result_json({"workdir": str(workdir), **dataclasses.asdict(result)}))
     return 0
 
 

@@ -71,6 +71,9 @@ class ByteVocab:
             raise ValueError(f"rows must be (V, pos_dim) uint8; got {self.rows.shape} {self.rows.dtype}")
         if self.lengths.shape != self.rows.shape[:1] or self.full_lengths.shape != self.rows.shape[:1]:
             raise ValueError("lengths and full_lengths must be (V,) like rows")
+        if self.rows.shape[0] == 0:  # caught here, not later inside a gather
+            raise ValueError(f"a vocabulary needs at least one token; got none from "
+                             f"{self.source!r} (an empty tokenizer or byte list)")
         if self.lengths.size and (self.lengths.min() < 0 or self.lengths.max() > self.pos_dim):
             raise ValueError(f"lengths must lie in [0, {self.pos_dim}]")
         for arr in (self.rows, self.lengths, self.full_lengths):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ALGORITHM", "mismatches", "tree_checksums"]
+__all__ = ["ALGORITHM", "mismatches", "nonfinite_leaves", "tree_checksums"]
 
 ALGORITHM = "sum32x2-v1"  # recorded with the sums; another value is not compared
 
@@ -87,3 +87,26 @@ def mismatches(tree: Any, recorded: dict[str, Any]) -> list[str]:
     if missing:
         out.append(f"leaves missing from the restored state: {', '.join(missing[:4])}")
     return out
+
+
+def _finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+_finite_jit = jax.jit(_finite)
+
+
+def nonfinite_leaves(tree: Any) -> tuple[list[str], int]:
+    """(the paths of tree's floating-point leaves holding a NaN or an inf, how many
+    floating-point leaves there are): one reduction per
+    leaf on the arrays' own devices, one bool per leaf back (a collective under
+    jax.distributed). A diverged state must never be saved as a good checkpoint: the loss
+    is computed before the update, so a finite loss can come with non-finite parameters."""
+    flat = [(jax.tree_util.keystr(path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if not flat:
+        return [], 0
+    arrays = [jnp.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf for _, leaf in flat]
+    ok = _host(_finite_jit(arrays))
+    return [name for (name, _), good in zip(flat, ok, strict=True) if not good], len(flat)

@@ -22,7 +22,8 @@ from typing import Any
 from kronjax.errors import UserError
 
 __all__ = ["RESUME_KEYS", "CheckpointSaveError", "ChecksumMismatch", "IncompatibleCheckpointError",
-           "UnreadableCheckpointError", "as_json", "check_compatible", "describe_failure",
+           "NonFiniteCheckpoint", "NonFiniteStateError", "UnreadableCheckpointError",
+           "nonfinite_summary", "as_json", "check_compatible", "describe_failure",
            "quiet_orbax"]
 
 # What a checkpoint must agree with to be resumed (kronjax.run.run_meta writes them): the arm,
@@ -32,7 +33,7 @@ RESUME_KEYS: tuple[str, ...] = ("arm", "model_shape", "tokenizer_fingerprint",
 _MISSING = "<missing>"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError):
     """The checkpoint in a workdir was written by a run this config cannot resume."""
 
 
@@ -46,6 +47,29 @@ class CheckpointSaveError(UserError):
 
 class ChecksumMismatch(ValueError):
     """A restored array's checksums differ from those saved with it."""
+
+
+class NonFiniteStateError(UserError, RuntimeError):
+    """The state to be saved holds NaN or inf: it is not saved (the run has diverged)."""
+
+    @classmethod
+    def at(cls, step: int, what: str, saved: Sequence[int], directory: Any
+           ) -> NonFiniteStateError:
+        kept = (f"the last checkpoint (step {saved[-1]}) is kept" if saved else
+                "no checkpoint has been saved yet")
+        return cls(f"the state at step {step} holds {what}: the run diverged, and this step "
+                   f"is not saved; {kept} in {directory}. Lower optim.peak_lr (or raise "
+                   "optim.warmup_steps) and rerun.")
+
+
+class NonFiniteCheckpoint(ValueError):
+    """A restored step holds NaN or inf (written before kronjax checked before saving)."""
+
+
+def nonfinite_summary(names: Sequence[str], total: int) -> str:
+    """'NaN or inf in 3 of 16 arrays (['params']['w'], ...)'."""
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"NaN or inf in {len(names)} of {total} arrays ({shown})"
 
 
 def as_json(value: Any) -> Any:
@@ -114,10 +138,16 @@ class _OrbaxTracebacks(logging.Filter):
     reaches `Checkpointer`, which reports it in one line. Kept with kronjax at DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or not record.exc_info:
+        if record.getMessage().startswith(_READ_ONLY_NOTES):  # kronjax asked for read-only
+            return False
+        if record.levelno < logging.ERROR:
             return True
         if logging.getLogger("kronjax").isEnabledFor(logging.DEBUG):
             return True
+        if not record.exc_info:  # asyncio's notes on orbax's tasks left by a failed restore
+            return not (record.name == "asyncio" and record.getMessage().startswith(
+                ("Task was destroyed", "Task exception was never retrieved",
+                 "Future exception was never retrieved")))
         tb = record.exc_info[2]
         where = [record.pathname] + [f.filename for f in traceback.extract_tb(tb)] if tb \
             else [record.pathname]
@@ -126,6 +156,9 @@ class _OrbaxTracebacks(logging.Filter):
 
 
 _QUIET: list[bool] = []
+# orbax's notes on read-only opening, and on a step a live trainer deleted while it was read
+_READ_ONLY_NOTES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True",
+                    "Metadata file does not exist")
 
 
 def quiet_orbax() -> None:

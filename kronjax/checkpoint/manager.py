@@ -1,23 +1,19 @@
 """The checkpoint manager: train state + grain iterator + JSON metadata, one orbax step each.
 
-A thin wrapper over `ocp.CheckpointManager` (async saves, `max_to_keep`, save
-every N steps) that fixes the items a kronjax run needs so resuming is one
-call: `state` (any pytree of arrays, restored onto the shardings of an abstract
-target), `data` (the grain iterator's position, so no batch is seen twice),
-`meta` (config facts checked before anything is built) and `checksums` (two
-32-bit sums per array, `kronjax.checksums`, compared after every restore). Orbax
-writes each step into `<step>.orbax-checkpoint-tmp` and renames it only once
-every item is written, so a run killed mid-save resumes from the previous
-complete step.
+A thin wrapper over `ocp.CheckpointManager` (async saves, `max_to_keep`, save every N steps)
+with the items a kronjax run needs: `state` (any pytree of arrays, restored onto the
+shardings of an abstract target), `data` (the grain iterator's position), `meta` (config
+facts checked before anything is built) and `checksums` (kronjax.checkpoint.checksums,
+compared after every restore). Orbax writes a step into `<step>.orbax-checkpoint-tmp` and
+renames it once complete, so a run killed mid-save resumes from the previous step.
 
-Restoring the latest step falls back, newest first, past steps that cannot be
-restored (missing or truncated files, a missing item, unreadable metadata, a
-checksum mismatch), each named in a warning; nothing is deleted. Before the next
-save, such steps are moved out of orbax's sight into `<directory>.unreadable/`
-(so `max_to_keep` neither counts nor deletes them). A save that fails (disk
-full) raises `CheckpointSaveError` in one line; a background save's failure is
-noticed by `check()`, which the train loop calls after every step. What goes wrong is
-said by `kronjax.checkpoint.errors`; `kronjax.checkpoint.checksums` computes the sums.
+Restoring the latest step falls back, newest first, past steps that cannot be restored
+(missing or truncated files, a missing item, a checksum mismatch, NaN or inf), each named in
+a warning; before the next save they are moved into `<directory>.unreadable/`, never deleted.
+A state holding NaN or inf is never saved (`NonFiniteStateError`). A failed save (disk full)
+is one `CheckpointSaveError` line; `check()` notices a background save's failure.
+`read_only=True` (readers beside a live trainer: sample, probes, export) cleans, creates and
+writes nothing, and reads again the steps a trainer changed under it.
 
 Everything here must be called on every process (orbax synchronises hosts); the
 directory must be shared storage visible to all of them.
@@ -40,8 +36,9 @@ from etils import epath
 from kronjax import storage
 from kronjax.checkpoint import checksums as checksums_lib
 from kronjax.checkpoint.errors import (CheckpointSaveError, ChecksumMismatch,
-                                       IncompatibleCheckpointError, UnreadableCheckpointError,
-                                       as_json, describe_failure, quiet_orbax)
+                                       IncompatibleCheckpointError, NonFiniteCheckpoint,
+                                       NonFiniteStateError, UnreadableCheckpointError, as_json,
+                                       describe_failure, nonfinite_summary, quiet_orbax)
 
 __all__ = ["UNREADABLE_SUFFIX", "Checkpointer"]
 
@@ -101,6 +98,7 @@ class Checkpointer:
         save_every: int,
         max_to_keep: int | None = 3,
         async_save: bool = True,
+        read_only: bool = False,
     ) -> None:
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
@@ -108,10 +106,15 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}")
         quiet_orbax()
         self.directory = _absolute(directory)
+        self.read_only = read_only
         self._pending: int | None = None      # the step of a save that may still be running
         self._unreadable: dict[int, str] = {}  # step -> why it could not be restored
         policies = ocp.checkpoint_managers
+        # A reader beside a live trainer: orbax's cleanup would delete the step being written
         options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
+            save_interval_steps=0, enable_async_checkpointing=False,
+        ) if read_only else ocp.CheckpointManagerOptions(
             # Exactly every `save_every` steps or at a preemption sync point.
             # Orbax's default also saves the first step it sees (InitialSavePolicy).
             save_decision_policy=policies.AnySavePolicy(
@@ -136,7 +139,7 @@ class Checkpointer:
         # a resumed run) would then race two rmtrees over the same files; waiting here makes
         # the cleanup part of opening the directory.
         await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
-        if await_cleanup is not None:
+        if await_cleanup is not None and not read_only:
             await_cleanup()
 
     def all_steps(self) -> list[int]:
@@ -178,6 +181,8 @@ class Checkpointer:
         save, or a previous one still unreported, failed.
         """
         step = int(step)
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only: it cannot be saved to")
         _check_iterator(data_iter)
         try:
             meta_json = as_json(dict(meta))
@@ -199,6 +204,10 @@ class Checkpointer:
                 f"refusing to save step {step} behind the newer step {steps[-1]} in"
                 f" {self.directory}: another run is using this directory; use a fresh --workdir"
             )
+        bad, total = checksums_lib.nonfinite_leaves(state)
+        if bad:
+            raise NonFiniteStateError.at(step, nonfinite_summary(bad, total), steps,
+                                         self.directory)
         items: dict[str, ocp.args.CheckpointArgs] = {
             "state": ocp.args.StandardSave(state),
             "meta": ocp.args.JsonSave(meta_json),
@@ -312,6 +321,10 @@ class Checkpointer:
                                         f"{'; '.join(bad[:3])} (the files changed after saving)")
         else:
             log.info("checkpoint step %d holds no checksums (an older save): not verified", step)
+        bad, total = checksums_lib.nonfinite_leaves(out["state"])
+        if bad:
+            raise NonFiniteCheckpoint(f"it holds {nonfinite_summary(bad, total)} (saved from "
+                                      "a diverged run)")
         if position is not None:
             data_iter.set_state(json.loads(position.read_text()))
             log.warning("checkpoint written by %s processes, resumed by %d: data position "
@@ -330,29 +343,45 @@ class Checkpointer:
         return f"  step {step} ({self.directory / str(step)}): {reason}"
 
     def _newest_readable(self, attempt: Callable[[int], Any]) -> Any:
-        """attempt(step) for each step, newest first, until one succeeds."""
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        tried = []
-        for i in range(len(steps) - 1, -1, -1):
-            try:
-                out = attempt(steps[i])
-                _everywhere(True)
-            except IncompatibleCheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001 - every reason is reported below
-                if not isinstance(e, _FailedElsewhere):
-                    _everywhere(False)
-                tried.append(self._note_unreadable(steps[i], e, steps[i - 1] if i else None))
-                continue
-            if tried:
-                log.warning("restored checkpoint step %d instead of %d", steps[i], steps[-1])
-            return out
+        """attempt(step) for each step, newest first, until one succeeds. Read-only, beside a
+        live trainer: a failure while the trainer saved or deleted steps (max_to_keep) is
+        no damage; the steps are listed again and the newest tried (up to 10 times)."""
+        for _ in range(10 if self.read_only else 1):
+            steps, tried = self.all_steps(), []
+            if not steps:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+            for i in range(len(steps) - 1, -1, -1):
+                try:
+                    out = attempt(steps[i])
+                    _everywhere(True)
+                except IncompatibleCheckpointError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - every reason is reported below
+                    if self.read_only and self._moved_on(steps):
+                        break
+                    if not isinstance(e, _FailedElsewhere):
+                        _everywhere(False)
+                    tried.append(self._note_unreadable(steps[i], e, steps[i - 1] if i else None))
+                    continue
+                if tried:
+                    log.warning("restored checkpoint step %d instead of %d", steps[i], steps[-1])
+                return out
+            else:
+                why = ("every step holds NaN or inf: the run diverged before its first good "
+                       "save; start afresh (a fresh --workdir, a lower optim.peak_lr)"
+                       if all("NonFiniteCheckpoint" in t for t in tried) else
+                       "move the directory aside (or use a fresh --workdir) to start a new run")
+                raise UnreadableCheckpointError(
+                    f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(tried)
+                    + f"\nThey are kept as they are; {why}.")
         raise UnreadableCheckpointError(
-            f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(tried)
-            + "\nThey are kept as they are; move the directory aside (or use a fresh --workdir)"
-            " to start a new run.")
+            f"the checkpoints in {self.directory} changed 10 times while being read (a live "
+            "trainer saving often, keeping few: train.keep_checkpoints); try again")
+
+    def _moved_on(self, steps: list[int]) -> bool:
+        """Whether a live trainer saved or deleted steps since `steps` were listed."""
+        self._mngr.reload()
+        return self.all_steps() != steps
 
     def restore(
         self, step: int | None, abstract_state: Any, data_iter: Any, *,

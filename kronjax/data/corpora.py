@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kronjax.errors import UserError
+
 BUILTIN_SOURCES = ("shakespeare", "pydoc")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SOURCES_HELP = ("'shakespeare', 'pydoc', 'hf:REPO[:SUBSET]', or a path to a .txt/.jsonl/.parquet "
@@ -66,16 +68,16 @@ def local_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected one of "
+            raise UserError(f"{path}: unsupported file type {path.suffix!r}; expected one of "
                              f"{', '.join(LOCAL_SUFFIXES)}")
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
         if not files:
-            raise ValueError(f"directory {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+            raise UserError(f"directory {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
         return files
-    raise ValueError(f"unknown corpus source {source!r}: not a builtin and no such path; "
-                     f"expected {SOURCES_HELP}")
+    raise UserError(f"unknown corpus source {source!r} (data.source / --source): not a "
+                    f"builtin and no such path; expected {SOURCES_HELP}")
 
 
 def json_lines(path: Path) -> Iterator[tuple[int, Any]]:

@@ -7,6 +7,7 @@ processes, complete); `eval_batches` gives the fixed validation set the same way
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -14,6 +15,8 @@ import grain
 import numpy as np
 
 from kronjax.data.store import ShardedTokens
+
+log = logging.getLogger("kronjax.data")
 
 Batch = dict[str, np.ndarray]
 
@@ -114,6 +117,22 @@ def eval_batches(tokens_N: np.ndarray | ShardedTokens, *, seq_len: int, batch: i
     starts = np.linspace(0, len(tokens_N) - seq_len - 1, batch * num_batches).round()
     starts_NbxB = starts.astype(np.int64).reshape(num_batches, batch)
     return [_windows(tokens_N, s[rows], seq_len) for s in starts_NbxB]
+
+
+def eval_batch_count(asked: int, n_val: int, seq_len: int, batch: int, where: Any) -> int:
+    """data.eval_batches, capped (with a warning) where its windows would overlap: more
+    batches than the val split holds distinct windows add time, not information (100000
+    batches of 2,781 tokens took 49 s to build and 135 s per evaluation)."""
+    distinct = max((n_val - 1) // seq_len, 1)
+    if asked * batch <= distinct:
+        return asked
+    cap = max(distinct // batch, 1)
+    if cap < asked:
+        log.warning("data.eval_batches=%d asks for %s windows of %d tokens, but the val split "
+                    "of %s holds %s distinct ones: evaluating on %d batch(es) instead; set "
+                    "data.eval_batches <= %d", asked, f"{asked * batch:,}", seq_len, where,
+                    f"{distinct:,}", cap, cap)
+    return min(cap, asked)
 
 
 # -- CLI -----------------------------------------------------------------------------------------

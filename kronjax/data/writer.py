@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from kronjax.data.store import shard_name
+from kronjax.data.store import DataError, shard_name
+from kronjax.errors import os_reason
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer
 from kronjax.files import commit
 
@@ -44,10 +45,15 @@ class ShardWriter:
 
     def add(self, item: int, ids: np.ndarray, n_bytes: int) -> bool:
         """Append a document (item = its index in the corpus); True when a shard completed."""
-        if self._file is None:
-            self._tmp = self.out / f".{shard_name(self.split, len(self.shards))}.partial"
-            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _commit / discard
-        ids.astype(self.dtype, copy=False).tofile(self._file)
+        try:
+            if self._file is None:
+                self._tmp = self.out / f".{shard_name(self.split, len(self.shards))}.partial"
+                self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _commit / discard
+            # file.write, not ndarray.tofile: a full disk is then an OSError with its errno
+            # ("no space left on device"), not numpy's "N requested and M written"
+            self._file.write(ids.astype(self.dtype, copy=False).tobytes())
+        except OSError as e:
+            raise self._write_error(e) from e
         self._tokens += len(ids)
         self._bytes += n_bytes
         self._docs += 1
@@ -61,13 +67,21 @@ class ShardWriter:
         if self._file is not None and self._docs:
             self._commit(last_item)
 
+    def _write_error(self, e: OSError) -> DataError:
+        return DataError(f"cannot write {self._tmp}: {os_reason(e)}; free space in {self.out} "
+                         "(or prepare elsewhere: --out / data.dir) and rerun the same command: "
+                         "finished shards are kept")
+
     def _commit(self, last_item: int) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
         name = shard_name(self.split, len(self.shards))
-        commit(self._tmp, self.out / name)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            commit(self._tmp, self.out / name)
+        except OSError as e:
+            raise self._write_error(e) from e
         self.shards.append({"file": name, "tokens": self._tokens, "bytes": self._bytes,
                             "documents": self._docs, "max_id": self._max})
         self.next_item = last_item + 1
@@ -76,7 +90,10 @@ class ShardWriter:
     def discard(self) -> None:
         """Drop the open (partial) shard: a rerun regenerates it from its first document."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # the full disk that stopped the run: its error is the one said
+                pass
             self._file = None
             self._tmp.unlink(missing_ok=True)
         self._tokens = self._bytes = self._docs = self._max = 0

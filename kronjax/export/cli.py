@@ -6,8 +6,10 @@ import argparse
 import sys
 from typing import Sequence
 
+from kronjax import console
 from kronjax import export as package
 from kronjax.export import export
+from kronjax.errors import debug_traceback
 from kronjax.export.state import ExportError
 
 
@@ -21,10 +23,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--force", action="store_true",
                    help="replace what this export writes in an existing --out")
+    p.add_argument("--log-level", "--log_level", dest="log_level", default="warning",
+                   choices=console.LEVELS, help="debug: tracebacks with errors")
     args = p.parse_args(argv)
+    console.setup_logging(args.log_level)
     try:
         warnings = export(args.format, args.workdir, args.out, args.step, args.force)
     except (ExportError, FileNotFoundError, ValueError) as e:
+        debug_traceback(e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in warnings:

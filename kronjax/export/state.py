@@ -9,6 +9,7 @@ transformers do; kronjax.export.hf and kronjax.export.nanogpt only change the la
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -24,6 +25,8 @@ from kronjax.metrics import read_metrics
 from kronjax.model import GPT, KRON_TIED_LOGIT_SCALE
 from kronjax.run import Loaded
 from kronjax.workdir import Workdir
+
+log = logging.getLogger("kronjax.export")
 
 # (module, input width in units of n_embd) of each Linear, as nanoGPT and GPT-2 name them
 LINEARS = (("attn.c_attn", 1), ("attn.c_proj", 1), ("mlp.c_fc", 1), ("mlp.c_proj", 4))
@@ -138,6 +141,37 @@ def check_out(out: Path | Any, force: bool, directory: bool) -> list[str]:
     return existing
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give path (and what it holds) the modes of a plain write under the umask: mkdtemp and
+    mkstemp make 0700 and 0600, which would leave an export private to its writer."""
+    mask = _umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def clear_stale(out: Path) -> None:
+    """Remove what a killed export to `out` left beside it (`.OUT.tmp-*/`, `.OUT.*.tmp`),
+    named in a warning: the next export to the same place cleans up after the killed one."""
+    if not out.parent.is_dir():
+        return
+    for p in sorted(out.parent.iterdir()):
+        stale = (p.name.startswith(f".{out.name}.tmp-") or
+                 (p.name.startswith(f".{out.name}.") and p.name.endswith(".tmp")))
+        if stale and not p.is_symlink():
+            log.warning("removing %s, left by an export to %s that did not finish", p, out)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
 def write_dir(out: Path | Any, force: bool, fill: Callable[[Path], None]) -> list[str]:
     """Let `fill` write into a fresh directory beside `out`, then move it into place.
 
@@ -155,9 +189,11 @@ def write_dir(out: Path | Any, force: bool, fill: Callable[[Path], None]) -> lis
                 storage.upload(Path(tmp) / name, out / name)
         return [name for name in existing if name not in written]
     out.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         fill(tmp)
+        follow_umask(tmp)
         written = sorted(p.name for p in tmp.iterdir())
         if not existing:
             if out.is_dir():
@@ -185,10 +221,12 @@ def write_file(out: Path | Any, force: bool, fill: Callable[[Path], None]) -> No
             storage.upload(Path(tmp) / out.name, out)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(out)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
         fill(Path(tmp))
+        follow_umask(Path(tmp))
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
