@@ -22,9 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.source = "shakespeare"      # shakespeare | pydoc | a path | hf:NAME
-    cfg.data.tokenizer = "sentencepiece"  # sentencepiece (trained) | sentencepiece:PATH | tiktoken:NAME
+    # sentencepiece (trained here) | sentencepiece:PATH | tiktoken:NAME
+    cfg.data.tokenizer = "sentencepiece"
     cfg.data.sp_vocab_size = 4096
-    cfg.data.dir = ""                     # "" = ~/.cache/kronjax/data/<source>-<tokenizer>-<size>-<hash>
+    # "" = ~/.cache/kronjax/data/<source>-<tokenizer>-<size>-<hash>
+    cfg.data.dir = ""
     cfg.data.eval_batches = 8
     cfg.data.max_tokens = 0               # prepare at most this many train tokens; 0 = all
 

@@ -19,7 +19,7 @@ Expect:          the paper reports validation loss about 3.3 nats at 2.5B tokens
 
 import ml_collections
 
-from kronjax.config import load_config_file, REPO_CONFIGS
+from kronjax.config import REPO_CONFIGS, load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:

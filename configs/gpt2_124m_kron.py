@@ -8,7 +8,7 @@ Expect:  validation loss 2.5 +- 0.2% below the bpe_tied baseline over 3 seeds (t
 
 import ml_collections
 
-from kronjax.config import load_config_file, REPO_CONFIGS
+from kronjax.config import REPO_CONFIGS, load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -19,7 +19,7 @@ Expect:  about 2-3 minutes a run on 2 idle CPU cores; docs/results.md ("Regime 2
 
 import ml_collections
 
-from kronjax.config import load_config_file, REPO_CONFIGS
+from kronjax.config import REPO_CONFIGS, load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:

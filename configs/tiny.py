@@ -8,7 +8,7 @@ Expect:  finishes in under a minute on 2 CPU cores; the loss starts at ln(512) =
 
 import ml_collections
 
-from kronjax.config import load_config_file, REPO_CONFIGS
+from kronjax.config import REPO_CONFIGS, load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -67,8 +68,8 @@ def _splash_block(t: int) -> int:
 def _splash_kernel(t: int, h: int, interpret: bool) -> Callable[..., jax.Array]:
     """The splash kernel for h heads of causal T x T attention. Built anew in every trace:
     it holds arrays of its mask tables, which must belong to the trace that uses them."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk, splash_attention_mask as sm)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b = _splash_block(t)
     blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,

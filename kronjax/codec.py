@@ -102,7 +102,7 @@ def codec_table(rows_VxP: np.ndarray, lengths_V: np.ndarray, eps: float = EPS,
     rows_VxP = np.asarray(rows_VxP)
     lengths_V = np.asarray(lengths_V)
     _check_rows(rows_VxP, lengths_V)
-    fn = jax.jit(lambda r, l: codec_vectors(r, l, eps))
+    fn = jax.jit(lambda r, n: codec_vectors(r, n, eps))
     parts = [np.asarray(fn(rows_VxP[i:i + chunk], lengths_V[i:i + chunk]))
              for i in range(0, rows_VxP.shape[0], chunk)]
     if not parts:

@@ -26,7 +26,8 @@ gradient. Everything here is float32 accumulate.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -27,17 +27,16 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from kronjax import loop as train_lib
 from kronjax import config as config_lib
-from kronjax import plots
-from kronjax import stats
-from kronjax import storage
+from kronjax import loop as train_lib
+from kronjax import plots, stats, storage
 from kronjax import variants as variants_lib
 from kronjax.metrics import read_metrics
 from kronjax.stats import curves, mean_curve

@@ -12,7 +12,8 @@ compiled step, per device, set against the chip's HBM where it is known; `cost` 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ a variable: it stays out of the params tree, the optimizer, weight decay and che
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -60,7 +60,7 @@ class ByteOverride(NamedTuple):
 
     @classmethod
     def single(cls, ids_shape: tuple[int, ...], position: tuple[int, ...], word: bytes,
-               pos_dim: int) -> "ByteOverride":
+               pos_dim: int) -> ByteOverride:
         """Override one position (a tuple index into ids) with `word`'s bytes."""
         rows_1xP, len_1 = encode_bytes([word], pos_dim)
         rows = np.zeros(ids_shape + (pos_dim,), np.uint8)
@@ -88,9 +88,9 @@ class KroneckerEmbed(nn.Module):
     vocab: ByteVocab
     features: int
     mode: Mode = "sparse"
-    dtype: Optional[Any] = None
+    dtype: Any | None = None
     param_dtype: Any = jnp.float32
-    embedding_init: Optional[nn.initializers.Initializer] = None
+    embedding_init: nn.initializers.Initializer | None = None
     gpu_codec: str = "auto"
 
     def setup(self) -> None:
@@ -113,7 +113,7 @@ class KroneckerEmbed(nn.Module):
         return rows, lengths
 
     def _embed_rows(self, rows_NxP: jax.Array, lengths_N: jax.Array,
-                    valid_N: Optional[jax.Array] = None) -> jax.Array:
+                    valid_N: jax.Array | None = None) -> jax.Array:
         """Rows -> (N, D); where valid_N is false, NaN (fused into the sparse kernel)."""
         w = jnp.asarray(self.projection)
         if self.mode == "bytes":
@@ -122,7 +122,7 @@ class KroneckerEmbed(nn.Module):
             return out if valid_N is None else jnp.where(valid_N[:, None], out, jnp.nan)
         return codec.closed_form(w, rows_NxP, lengths_N, valid_N=valid_N, gpu=self.gpu_codec)
 
-    def __call__(self, ids: jax.Array, override: Optional[ByteOverride] = None) -> jax.Array:
+    def __call__(self, ids: jax.Array, override: ByteOverride | None = None) -> jax.Array:
         """ids (...) int -> (..., features). `override` swaps chosen positions' bytes."""
         ids = jnp.asarray(ids)
         if not jnp.issubdtype(ids.dtype, jnp.integer):

@@ -9,7 +9,8 @@ and must give exactly `generate`'s tokens.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

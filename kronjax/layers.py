@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,7 +22,7 @@ INIT_STD = 0.02
 LN_EPS = 1e-5
 
 
-def partitioned(init: Any, names: Sequence[Optional[str]]) -> Any:
+def partitioned(init: Any, names: Sequence[str | None]) -> Any:
     return nn.with_logical_partitioning(init, tuple(names))
 
 
@@ -30,7 +31,7 @@ class Linear(nn.Module):
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    names: tuple[Optional[str], ...]  # for in_shape + out_shape
+    names: tuple[str | None, ...]  # for in_shape + out_shape
     std: float = INIT_STD
     use_bias: bool = True
     dtype: Any = jnp.float32
@@ -68,7 +69,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: Optional[jax.Array], eps: float
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float
                ) -> jax.Array:
     """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, statistics in float32
     (two-pass variance, as PyTorch: no E[x^2] - E[x]^2 cancellation); result in x's dtype.

@@ -11,20 +11,16 @@ import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from kronjax import cluster
-from kronjax import compile_cache
-from kronjax import console
+from kronjax import cluster, compile_cache, console, signals, storage, wandb_sink
 from kronjax import metrics as metrics_lib
 from kronjax import run as run_lib
-from kronjax import signals
-from kronjax import storage, wandb_sink
 from kronjax.errors import UserError, close_all
 from kronjax.lock import workdir_lock
 from kronjax.model import flops_per_token, n_params_nonembedding, param_counts
@@ -128,7 +124,8 @@ def _train(run: run_lib.Run, stop: Callable[[], bool], held: Callable[[], None])
                     "rerun.")
             record = {k: float(v) for k, v in m.items()}
             record["tokens_per_s"] = throughput.tick(tokens_per_step) or float("inf")
-            mfu = metrics_lib.mfu(record["tokens_per_s"], fpt, jax.device_count(), peak) if peak else None
+            mfu = (metrics_lib.mfu(record["tokens_per_s"], fpt, jax.device_count(), peak)
+                   if peak else None)
             if mfu is not None:
                 record["mfu"] = mfu
             clock.tick(step)

@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS, AttentionCore
+from kronjax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from kronjax.attention import AttentionCore
 from kronjax.codec import resolve_gpu_form
 from kronjax.embed import MODES, ByteOverride, KroneckerEmbed
 from kronjax.errors import UserError
@@ -98,7 +100,7 @@ class GPTConfig:
         object.__setattr__(self, "param_dtype", _as_dtype(self.param_dtype, "param_dtype"))
 
     @classmethod
-    def from_config(cls, model_cfg: Any, vocab_size: Optional[int] = None) -> "GPTConfig":
+    def from_config(cls, model_cfg: Any, vocab_size: int | None = None) -> GPTConfig:
         """From an ml_collections ConfigDict (or mapping) with this class's field names.
 
         `vocab_size`, when given, wins over the config's (the data decides it).
@@ -211,7 +213,7 @@ class GPT(nn.Module):
     """
 
     config: GPTConfig
-    vocab: Optional[ByteVocab] = None
+    vocab: ByteVocab | None = None
 
     def setup(self) -> None:
         c = self.config
@@ -257,13 +259,13 @@ class GPT(nn.Module):
                              f"{self.config.arm!r}")
         return self.kron.table()
 
-    def _given_table(self) -> Optional[jax.Array]:
+    def _given_table(self) -> jax.Array | None:
         """The PER_STEP table when the caller passed one (kron_tied), else None."""
         if self.config.has_per_step and self.has_variable(PER_STEP, "table_VxD"):
             return self.get_variable(PER_STEP, "table_VxD")
         return None
 
-    def _shared_table(self) -> Optional[jax.Array]:
+    def _shared_table(self) -> jax.Array | None:
         """kron_tied: the given table or K @ W computed now, shared by input and head."""
         given = self._given_table()
         if given is not None or not self.config.has_per_step:
@@ -271,12 +273,12 @@ class GPT(nn.Module):
         return self.tied_table()
 
     def embed(self, ids_BxT: jax.Array, *, train: bool = False,
-              override: Optional[ByteOverride] = None) -> jax.Array:
+              override: ByteOverride | None = None) -> jax.Array:
         """Token + position embeddings, then dropout: x_BxTxD in the compute dtype."""
         return self._embed(ids_BxT, train, override, self._given_table())
 
-    def _embed(self, ids_BxT: jax.Array, train: bool, override: Optional[ByteOverride],
-               table_VxD: Optional[jax.Array]) -> jax.Array:
+    def _embed(self, ids_BxT: jax.Array, train: bool, override: ByteOverride | None,
+               table_VxD: jax.Array | None) -> jax.Array:
         """`embed`; with kron_tied's table at hand, token rows are looked up in it."""
         c = self.config
         t = ids_BxT.shape[-1]
@@ -302,7 +304,7 @@ class GPT(nn.Module):
         return self._from_embeddings(x_BxTxD, train, return_hidden, self._shared_table())
 
     def _from_embeddings(self, x_BxTxD: jax.Array, train: bool, return_hidden: bool,
-                         table_VxD: Optional[jax.Array]) -> Any:
+                         table_VxD: jax.Array | None) -> Any:
         h_BxTxD, blocks = self._trunk(x_BxTxD, train)
         logits_BxTxV = self._head(h_BxTxD, table_VxD)
         if return_hidden:
@@ -321,7 +323,7 @@ class GPT(nn.Module):
         """Output logits (float32) from final-LN hidden states, per arm."""
         return self._head(h_BxTxD, self._shared_table())
 
-    def _head(self, h_BxTxD: jax.Array, table_VxD: Optional[jax.Array]) -> jax.Array:
+    def _head(self, h_BxTxD: jax.Array, table_VxD: jax.Array | None) -> jax.Array:
         if self.config.is_tied:
             h_BxTxD, w_VxD, _ = self._head_operands(h_BxTxD, table_VxD)
             logits = _attend(h_BxTxD, w_VxD, self.config.dtype)
@@ -330,7 +332,7 @@ class GPT(nn.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, ids_BxT: jax.Array, *, train: bool = False,
-                 override: Optional[ByteOverride] = None, return_hidden: bool = False) -> Any:
+                 override: ByteOverride | None = None, return_hidden: bool = False) -> Any:
         """ids_BxT -> logits_BxTxV (float32).
 
         With return_hidden: {"logits", "hidden": final-LN states BxTxD, "blocks": the n_layer
@@ -341,7 +343,7 @@ class GPT(nn.Module):
         x_BxTxD = self._embed(ids_BxT, train, override, table_VxD)
         return self._from_embeddings(x_BxTxD, train, return_hidden, table_VxD)
 
-    def _head_weight(self, table_VxD: Optional[jax.Array]) -> tuple[jax.Array, bool]:
+    def _head_weight(self, table_VxD: jax.Array | None) -> tuple[jax.Array, bool]:
         """The head's matrix and whether it is vocabulary-major: (V, D) tied tables (kron_tied:
         the codec table, before `_head_operands`' logit factor), else the (D, V) lm_head
         kernel."""
@@ -366,7 +368,7 @@ class GPT(nn.Module):
         return fused_cross_entropy(h_BxTxD, w, targets_BxT, vocab_major=vocab_major,
                                    chunk_tokens=chunk_tokens, dtype=self.config.dtype)
 
-    def _head_operands(self, h_BxTxD: jax.Array, table_VxD: Optional[jax.Array]
+    def _head_operands(self, h_BxTxD: jax.Array, table_VxD: jax.Array | None
                        ) -> tuple[jax.Array, jax.Array, bool]:
         """(h, head matrix, vocabulary-major) for the logits h @ W: `_head_weight`, with
         kron_tied's fixed logit factor on the smaller of h (N x D) and the table (V x D).
@@ -420,7 +422,7 @@ def n_params_nonembedding(params: Mapping[str, Any], config: GPTConfig) -> int:
     return counts["rest"] - wpe + config.vocab_size * config.n_embd
 
 
-def flops_per_token(config: GPTConfig, n_params: int, seq_len: Optional[int] = None) -> int:
+def flops_per_token(config: GPTConfig, n_params: int, seq_len: int | None = None) -> int:
     """Training flops per token, nanoGPT / PaLM appendix B: 6 N + 12 n_layer H K T.
 
     6N covers forward and backward matmuls through the weights (N: n_params_nonembedding);

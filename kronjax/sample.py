@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from kronjax import console
 from kronjax.errors import UserError, exit_line

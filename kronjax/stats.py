@@ -8,7 +8,8 @@ difference removes the seed's own effect (kronjax.compare documents the design).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from kronjax.errors import UserError
 
@@ -38,7 +38,7 @@ __all__ = ["AnyPath", "StorageError", "as_path", "configure_emulator", "create_o
 
 log = logging.getLogger(__name__)
 
-AnyPath = Union[Path, Any]   # pathlib.Path, or etils.epath.Path for a URL
+AnyPath = Path | Any   # pathlib.Path, or etils.epath.Path for a URL
 SUPPORTED = {"gs": "gcs"}    # URL scheme -> the extra that brings its client
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 

@@ -10,8 +10,9 @@ is printed on stderr (default: a line every train.log_every steps); stdout gets 
 --dry_run compiles the step ahead of time for the configured mesh on abstract inputs (no data,
 no params) and prints per-device memory and XLA's cost estimate; --topology cpu:8 simulates 8
 CPU devices, --topology v5litepod-16 (any Cloud TPU accelerator type, with the tpu extra)
-compiles for that slice with libtpu and says whether the step fits the chip's HBM. --distributed forces jax.distributed.initialize
-(otherwise: KRONJAX_COORDINATOR from launch/local.sh, or SLURM / TPU pods, are detected).
+compiles for that slice with libtpu and says whether the step fits the chip's HBM.
+--distributed forces jax.distributed.initialize (otherwise KRONJAX_COORDINATOR from
+launch/local.sh, or SLURM / TPU pods, are detected).
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import ml_collections
 
 from kronjax import config as config_lib
-from kronjax import console
-from kronjax import storage
+from kronjax import console, storage
 from kronjax.errors import UserError, exit_line
 from kronjax.loop import train
 

@@ -14,8 +14,9 @@ import json
 import re
 import zipfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,8 +69,10 @@ class ByteVocab:
 
     def __post_init__(self) -> None:
         if self.rows.ndim != 2 or self.rows.dtype != np.uint8:
-            raise ValueError(f"rows must be (V, pos_dim) uint8; got {self.rows.shape} {self.rows.dtype}")
-        if self.lengths.shape != self.rows.shape[:1] or self.full_lengths.shape != self.rows.shape[:1]:
+            raise ValueError(
+                f"rows must be (V, pos_dim) uint8; got {self.rows.shape} {self.rows.dtype}")
+        n_rows = self.rows.shape[:1]
+        if self.lengths.shape != n_rows or self.full_lengths.shape != n_rows:
             raise ValueError("lengths and full_lengths must be (V,) like rows")
         if self.rows.shape[0] == 0:  # caught here, not later inside a gather
             raise ValueError(f"a vocabulary needs at least one token; got none from "
@@ -82,7 +85,7 @@ class ByteVocab:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_bytes(cls, tokens: Sequence[bytes | None], pos_dim: int = 16,
-                   source: str = "bytes") -> "ByteVocab":
+                   source: str = "bytes") -> ByteVocab:
         """One entry per id; None marks an unassigned id (an empty row, reported as missing)."""
         if pos_dim < 1:
             raise ValueError(f"pos_dim must be >= 1; got {pos_dim}")
@@ -92,7 +95,7 @@ class ByteVocab:
         return cls(rows, lengths, full, source)
 
     @classmethod
-    def from_tiktoken(cls, encoding: Any, pos_dim: int = 16) -> "ByteVocab":
+    def from_tiktoken(cls, encoding: Any, pos_dim: int = 16) -> ByteVocab:
         """Raw bytes via decode_single_token_bytes; special tokens as their literal text."""
         tokens: list[bytes | None] = []
         for i in range(encoding.n_vocab):
@@ -103,7 +106,7 @@ class ByteVocab:
         return cls.from_bytes(tokens, pos_dim, source=f"tiktoken:{encoding.name}")
 
     @classmethod
-    def from_sentencepiece(cls, processor: Any, pos_dim: int = 16) -> "ByteVocab":
+    def from_sentencepiece(cls, processor: Any, pos_dim: int = 16) -> ByteVocab:
         """U+2581 -> space; <0xNN> -> that byte; control/user/unknown -> literal piece text."""
         tokens: list[bytes | None] = []
         for i in range(processor.get_piece_size()):
@@ -111,13 +114,14 @@ class ByteVocab:
             match = _SP_BYTE.match(piece)
             if processor.is_byte(i) and match:
                 tokens.append(bytes([int(match.group(1), 16)]))
-            elif processor.is_control(i) or processor.is_unknown(i) or _is_user_defined(processor, i):
+            elif (processor.is_control(i) or processor.is_unknown(i)
+                  or _is_user_defined(processor, i)):
                 tokens.append(piece.encode("utf-8"))
             else:
                 tokens.append(piece.replace(_SP_SPACE, " ").encode("utf-8"))
         return cls.from_bytes(tokens, pos_dim, source="sentencepiece")
 
-    def pad_to(self, n: int) -> "ByteVocab":
+    def pad_to(self, n: int) -> ByteVocab:
         """Extend to n ids with empty rows (e.g. nanoGPT's 50304); padded ids embed to 0."""
         v = self.vocab_size
         if n < v:
@@ -210,7 +214,7 @@ class ByteVocab:
                      format_version=np.array(FORMAT_VERSION))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ByteVocab":
+    def load(cls, path: str | Path) -> ByteVocab:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:

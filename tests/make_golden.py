@@ -63,10 +63,10 @@ def synthetic_strings(pos_dim: int, rng: np.random.Generator) -> list[bytes]:
         rng.integers(0, 256, p, dtype=np.uint8).tobytes(),          # exactly pos_dim, random
         (b"abcdefghijklmnopqrstuvwxyz0123456789" * 2)[:p],           # exactly pos_dim, ASCII
         b"x" * (p - 1) + euro,                                       # valid, cut inside the euro
-        b"y" * (p - 2) + "🙂".encode() + b"tail",                    # valid, cut inside a 4-byte char
+        b"y" * (p - 2) + "🙂".encode() + b"tail",                    # valid, cut in a 4-byte char
         euro * (p // 3 + 3),                                         # valid, all 3-byte chars
         b"\xff" * (p + 5),                                           # invalid, cut plainly
-        b"z" * (p - 1) + b"\xe2\x82" + b"q" * 4,                     # invalid (partial char) and long
+        b"z" * (p - 1) + b"\xe2\x82" + b"q" * 4,                     # invalid (partial), long
         b"\xff\xfe",
         b"\x80",
         b"\xe4\xb8",                                                 # partial 3-byte char
@@ -112,9 +112,9 @@ def pick_vocab_ids(vocab: ByteVocab, enc, rng: np.random.Generator) -> np.ndarra
 
 
 def main() -> None:
+    import kronecker_embeddings as ke
     import tiktoken
     import torch
-    import kronecker_embeddings as ke
     from kronecker_embeddings import KroneckerEmbedding, kronecker_codec
 
     torch.set_num_threads(1)  # deterministic reductions

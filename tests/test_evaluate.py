@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tiny_runs  # noqa: E402
 
 from kronjax.evaluate import make_task
 from kronjax.evaluate.harness import TASK_DIR
-
-import tiny_runs  # noqa: E402
 
 ATOL = 1e-4          # nats, per loglikelihood request
 ROLLING_RTOL = 1e-6  # HFLM sums each window in float32: ~1e-5 nats at -4,000

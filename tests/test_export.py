@@ -23,13 +23,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tiny_runs  # noqa: E402
+from torch_ref import HAS_TORCH_REF  # noqa: E402
+
 from kronjax.export import cli as export_cli  # noqa: E402
 from kronjax.export import hf as export_hf  # noqa: E402
 from kronjax.export import nanogpt as export_nanogpt  # noqa: E402
-from kronjax.probes.generation import SLOT, load_prompts  # noqa: E402
 from kronjax.generate import generate  # noqa: E402
+from kronjax.probes.generation import SLOT, load_prompts  # noqa: E402
 from kronjax.run import Loaded, load_run  # noqa: E402
-from torch_ref import HAS_TORCH_REF  # noqa: E402
 
 nn, F = torch.nn, torch.nn.functional
 ARMS = tiny_runs.ARMS

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-
 from torch_ref import needs_torch
+
 from kronjax import ByteVocab, KroneckerEmbed
 from kronjax.interop import InteropError, export_safetensors, import_safetensors
 

@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 
 from kronjax.codec import reference_codec
-from kronjax.model import KRON_TIED_LOGIT_SCALE
 from kronjax.embed import ByteOverride
 from kronjax.loss import cross_entropy
-from kronjax.model import (ARMS, GPT, LOGICAL_AXES, GPTConfig, flops_per_token,
-                           n_params_nonembedding, param_counts)
+from kronjax.model import (
+    ARMS,
+    GPT,
+    KRON_TIED_LOGIT_SCALE,
+    LOGICAL_AXES,
+    GPTConfig,
+    flops_per_token,
+    n_params_nonembedding,
+    param_counts,
+)
 from kronjax.vocab import ByteVocab
 
 V, T, L, H, D, P = 512, 16, 2, 4, 64, 4
@@ -46,14 +53,14 @@ def _ids(seed: int = 1, b: int = 2) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).integers(0, N_REAL, (b, T)), jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(arm: str, **kw) -> tuple[GPT, dict]:
     model = GPT(_config(arm, **kw), VOCAB)
     variables = model.init(jax.random.key(0), _ids())  # eager: jitting init compiles slowly
     return model, nn.meta.unbox(variables)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _apply(arm: str):
     model, _ = _model(arm)
     return jax.jit(functools.partial(model.apply, return_hidden=True))

@@ -15,10 +15,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from torch_ref import HAS_TORCH_REF
-from kronjax import ByteVocab, KroneckerEmbed, closed_form, codec_table, codec_vectors
-from kronjax import encode_bytes, reference_codec
+
+from kronjax import (
+    ByteVocab,
+    KroneckerEmbed,
+    closed_form,
+    codec_table,
+    codec_vectors,
+    encode_bytes,
+    reference_codec,
+)
 from kronjax.codec import EPS
 
 GOLDEN = Path(__file__).parent / "golden" / "codec_golden.npz"

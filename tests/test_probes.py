@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import tiny_runs
+
 from kronjax import codec, encode_bytes
 from kronjax.probes import __main__ as probe
 from kronjax.probes import common, generation, geometry, robustness

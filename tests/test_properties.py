@@ -58,7 +58,7 @@ def _oracle(vocab: ByteVocab) -> np.ndarray:
 @functools.cache
 def _bytes_fn(mode: str):
     module = KroneckerEmbed(ByteVocab.from_bytes([b""], P), F, mode=mode)
-    return jax.jit(lambda r, l: module.apply(PARAMS, r, l, method=KroneckerEmbed.embed_bytes))
+    return jax.jit(lambda r, n: module.apply(PARAMS, r, n, method=KroneckerEmbed.embed_bytes))
 
 
 def _embed_bytes(tokens: list[bytes], mode: str) -> np.ndarray:

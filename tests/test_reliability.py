@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -260,11 +259,11 @@ def test_cleanup_failure_never_hides_the_first_error(live: dict[str, Any], tmp_p
     """A full disk fails the checkpoint save, then the TensorBoard flush in the cleanup: the
     save's one line is what is printed, exit 2, no traceback."""
     from kronjax import metrics
-    from kronjax.checkpoint import manager
+    from kronjax.checkpoint import errors, manager
 
     def full(self: Any, step: int, *a: Any, **k: Any) -> bool:
-        raise manager.CheckpointSaveError(f"checkpoint save of step {step} failed: no space "
-                                          "left on device (ENOSPC)")
+        raise errors.CheckpointSaveError(f"checkpoint save of step {step} failed: no space "
+                                         "left on device (ENOSPC)")
 
     def flush_fails(self: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", "events.out.tfevents")

@@ -8,16 +8,19 @@ import json
 import logging
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 wandb = pytest.importorskip("wandb")
 
-from kronjax import compare  # noqa: E402
+from kronjax import (
+    compare,  # noqa: E402
+    loop,  # noqa: E402
+)
 from kronjax import config as config_lib  # noqa: E402
-from kronjax import loop  # noqa: E402
 from kronjax.metrics import read_metrics  # noqa: E402
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
@@ -65,6 +68,9 @@ def _offline_runs(workdir: Path) -> list[dict[str, Any]]:
     return runs
 
 
+SHORT = {"train.steps": 2, "train.eval_every": 2, "optim.warmup_steps": 1}
+
+
 def _cfg(data: Path, **over: Any) -> Any:
     base = {"data.dir": str(data), "train.steps": 10, "train.eval_every": 5,
             "train.checkpoint_every": 5, "log.wandb": "kronjax-test", "log.wandb_tags": "a,b"}
@@ -101,16 +107,14 @@ def test_unusable_wandb_is_one_warning_and_the_run_goes_on(
 
     monkeypatch.setattr(wandb, "init", refuse)
     with caplog.at_level(logging.WARNING, logger="kronjax.wandb"):
-        result = loop.train(_cfg(tiny_data, **{"train.steps": 2, "train.eval_every": 2, "optim.warmup_steps": 1}),
-                            tmp_path / "a", stop=lambda: False)
+        result = loop.train(_cfg(tiny_data, **SHORT), tmp_path / "a", stop=lambda: False)
     assert result.step == 2 and len(read_metrics(tmp_path / "a" / "metrics.jsonl")) == 3
     assert [r.message for r in caplog.records] == [
         "W&B could not start (UsageError: project 'nope' not found): logging locally only"]
     caplog.clear()
     monkeypatch.setitem(sys.modules, "wandb", None)  # the extra is not installed
     with caplog.at_level(logging.WARNING, logger="kronjax.wandb"):
-        loop.train(_cfg(tiny_data, **{"train.steps": 2, "train.eval_every": 2, "optim.warmup_steps": 1}),
-                   tmp_path / "b", stop=lambda: False)
+        loop.train(_cfg(tiny_data, **SHORT), tmp_path / "b", stop=lambda: False)
     assert "pip install 'kronjax[wandb]'" in caplog.text and len(caplog.records) == 1
 
 

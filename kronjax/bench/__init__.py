@@ -36,10 +36,21 @@ PyTorch), attention, tpu, storage, report, startup, cli.
 """
 
 from kronjax.bench.cli import build_parser, main
-from kronjax.bench.embed import (EMBED_BASELINE, REF_BASELINE, corpus_ids,
-                                 format_embed_table, run_embed)
-from kronjax.bench.step import (STEP_ARMS, STEP_BASELINE, format_step_table,
-                                jax_step_arm, run_step, step_vocab)
+from kronjax.bench.embed import (
+                                 EMBED_BASELINE,
+                                 REF_BASELINE,
+                                 corpus_ids,
+                                 format_embed_table,
+                                 run_embed,
+)
+from kronjax.bench.step import (
+                                 STEP_ARMS,
+                                 STEP_BASELINE,
+                                 format_step_table,
+                                 jax_step_arm,
+                                 run_step,
+                                 step_vocab,
+)
 from kronjax.bench.timing import Arm, StepArm, machine_info, machine_line, time_interleaved
 
 __all__ = ["Arm", "EMBED_BASELINE", "REF_BASELINE", "STEP_ARMS", "STEP_BASELINE", "StepArm",

@@ -109,7 +109,7 @@ def run_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: str, r
             label = (f"{name} ({attention.kernel_for(platform, seq, head_dim, dt, name)})"
                      if name in attention.IMPLEMENTATIONS and name != "reference" else name)
             if name == "mgpu":
-                y = jax.jit(lambda x: fn(*x))(inputs)
+                y = jax.jit(lambda x, fn=fn: fn(*x))(inputs)
                 outputs[label + " fwd"] = (y, None)
                 try:
                     jax.jit(jax.grad(loss(fn, bnth)))(inputs)
@@ -118,7 +118,7 @@ def run_attention(batch: int, seq: int, heads: int, head_dim: int, dtype: str, r
                 arms.append(_forward_arm(label + " fwd", fn, inputs))
                 continue
             arm = jax_arm(label, loss(fn, bnth), inputs)
-            y = jax.jit(lambda x: fn(*x))(inputs)
+            y = jax.jit(lambda x, fn=fn: fn(*x))(inputs)
             grads = jax.jit(jax.grad(loss(fn, bnth)))(inputs)
             outputs[label] = (back(y), tuple(back(g) for g in grads))
             arms.append(arm)

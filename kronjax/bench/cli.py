@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kronjax.bench.attention import __doc__ as ATTENTION_DOC
 from kronjax.bench.attention import DEFAULT_KERNELS, cmd_attention, kernel_list
+from kronjax.bench.attention import __doc__ as ATTENTION_DOC
 from kronjax.bench.embed import cmd_embed
 from kronjax.bench.report import PART_NAMES, cmd_report, part_list
 from kronjax.bench.report import __doc__ as REPORT_DOC

@@ -12,9 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from kronjax.bench.timing import (
+    Arm,
+    cpu_cores,
+    jax_arm,
+    machine_info,
+    machine_line,
+    time_interleaved,
+)
 from kronjax.vocab import tiktoken_prefix_vocab
-from kronjax.bench.timing import (Arm, cpu_cores, jax_arm, machine_info, machine_line,
-                                  time_interleaved)
 
 EMBED_BASELINE = "nn.Embed"
 REF_BASELINE = "ref dynamic"
@@ -77,8 +83,8 @@ def _jax_embed_arms(ids_np: np.ndarray, vocab: Any, d_model: int, g_np: np.ndarr
                            table: jax.Array) -> jax.Array:
                 return jnp.sum((table[ids] @ p) * g)
 
-            arms.append(jax_arm("kron dense", dense_loss, w, ids, g, table,
-                                note=f"table[ids] @ W, the {nbytes / 2**20:.0f} MiB table a jit arg"))
+            note = f"table[ids] @ W, the {nbytes / 2**20:.0f} MiB table a jit arg"
+            arms.append(jax_arm("kron dense", dense_loss, w, ids, g, table, note=note))
             continue
         # "auto" is the default form; others only where they differ from it
         forms = ["auto", *(f for f in gpu_forms if f != codec.GPU_DEFAULT and mode == "sparse")]

@@ -56,9 +56,8 @@ def jax_step_arm(cfg: Any, arm: str, n_tok: int, vocab_fn: Callable[[int], Any],
 
     import jax
 
-    from kronjax import attention
+    from kronjax import attention, optim
     from kronjax import config as config_lib
-    from kronjax import optim
     from kronjax import run as run_lib
     from kronjax import step as step_lib
     from kronjax.codec import resolve_gpu_form

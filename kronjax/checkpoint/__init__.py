@@ -8,10 +8,16 @@
              finiteness check before every save and after every restore
 """
 
-from kronjax.checkpoint.errors import (RESUME_KEYS, CheckpointSaveError, ChecksumMismatch,
-                                       IncompatibleCheckpointError, NonFiniteStateError,
-                                       UnreadableCheckpointError, check_compatible,
-                                       describe_failure)
+from kronjax.checkpoint.errors import (
+                                       RESUME_KEYS,
+                                       CheckpointSaveError,
+                                       ChecksumMismatch,
+                                       IncompatibleCheckpointError,
+                                       NonFiniteStateError,
+                                       UnreadableCheckpointError,
+                                       check_compatible,
+                                       describe_failure,
+)
 from kronjax.checkpoint.manager import UNREADABLE_SUFFIX, Checkpointer
 
 __all__ = ["RESUME_KEYS", "UNREADABLE_SUFFIX", "CheckpointSaveError", "Checkpointer",

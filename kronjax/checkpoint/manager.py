@@ -35,10 +35,7 @@ from etils import epath
 
 from kronjax import storage
 from kronjax.checkpoint import checksums as checksums_lib
-from kronjax.checkpoint.errors import (CheckpointSaveError, ChecksumMismatch,
-                                       IncompatibleCheckpointError, NonFiniteCheckpoint,
-                                       NonFiniteStateError, UnreadableCheckpointError, as_json,
-                                       describe_failure, nonfinite_summary, quiet_orbax)
+from kronjax.checkpoint import errors as errs
 
 __all__ = ["UNREADABLE_SUFFIX", "Checkpointer"]
 
@@ -104,7 +101,7 @@ class Checkpointer:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}")
-        quiet_orbax()
+        errs.quiet_orbax()
         self.directory = _absolute(directory)
         self.read_only = read_only
         self._pending: int | None = None      # the step of a save that may still be running
@@ -185,7 +182,7 @@ class Checkpointer:
             raise RuntimeError(f"{self.directory} was opened read-only: it cannot be saved to")
         _check_iterator(data_iter)
         try:
-            meta_json = as_json(dict(meta))
+            meta_json = errs.as_json(dict(meta))
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint meta must be JSON-serializable: {e}") from e
         self.check()
@@ -206,7 +203,7 @@ class Checkpointer:
             )
         bad, total = checksums_lib.nonfinite_leaves(state)
         if bad:
-            raise NonFiniteStateError.at(step, nonfinite_summary(bad, total), steps,
+            raise errs.NonFiniteStateError.at(step, errs.nonfinite_summary(bad, total), steps,
                                          self.directory)
         items: dict[str, ocp.args.CheckpointArgs] = {
             "state": ocp.args.StandardSave(state),
@@ -230,7 +227,7 @@ class Checkpointer:
             self._finish_pending()
 
     def _finish_pending(self) -> None:
-        """Wait for the pending save, if any; its failure as a CheckpointSaveError."""
+        """Wait for the pending save, if any; its failure as a errs.CheckpointSaveError."""
         if self._pending is None:
             return
         step, self._pending = self._pending, None
@@ -239,14 +236,15 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - reported in one line, the cause chained
             raise self._save_error(step, e) from e
 
-    def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
+    def _save_error(self, step: int, e: BaseException) -> errs.CheckpointSaveError:
         log.debug("checkpoint save of step %d failed", step, exc_info=e)
         older = [s for s in self.all_steps() if s != step]
         kept = (f"the earlier checkpoints are untouched (latest: step {older[-1]}; a rerun "
                 "resumes from it once the cause is fixed)" if older else
                 "there is no earlier checkpoint")
-        return CheckpointSaveError(f"checkpoint save of step {step} to {self.directory / str(step)}"
-                                   f" failed: {describe_failure(e)}; {kept}")
+        where = self.directory / str(step)
+        return errs.CheckpointSaveError(f"checkpoint save of step {step} to {where} failed: "
+                                        f"{errs.describe_failure(e)}; {kept}")
 
     def _set_aside_unreadable(self) -> None:
         """Move the steps found unreadable out of orbax's directory (kept, never deleted),
@@ -317,14 +315,14 @@ class Checkpointer:
         if "checksums" in items:
             bad = checksums_lib.mismatches(out["state"], dict(out["checksums"]))
             if bad:
-                raise ChecksumMismatch(f"checksum mismatch in {len(bad)} array(s): "
+                raise errs.ChecksumMismatch(f"checksum mismatch in {len(bad)} array(s): "
                                         f"{'; '.join(bad[:3])} (the files changed after saving)")
         else:
             log.info("checkpoint step %d holds no checksums (an older save): not verified", step)
         bad, total = checksums_lib.nonfinite_leaves(out["state"])
         if bad:
-            raise NonFiniteCheckpoint(f"it holds {nonfinite_summary(bad, total)} (saved from "
-                                      "a diverged run)")
+            summary = errs.nonfinite_summary(bad, total)
+            raise errs.NonFiniteCheckpoint(f"it holds {summary} (saved from a diverged run)")
         if position is not None:
             data_iter.set_state(json.loads(position.read_text()))
             log.warning("checkpoint written by %s processes, resumed by %d: data position "
@@ -334,7 +332,7 @@ class Checkpointer:
 
     def _note_unreadable(self, step: int, e: BaseException, older: int | None) -> str:
         """Record step as unreadable, warn once, and return its one-line reason."""
-        reason = describe_failure(e)
+        reason = errs.describe_failure(e)
         if step not in self._unreadable:
             then = f"step {older} is tried" if older is not None else "there is no older step"
             log.warning("checkpoint step %d (%s) cannot be restored: %s; it is kept, and %s",
@@ -354,7 +352,7 @@ class Checkpointer:
                 try:
                     out = attempt(steps[i])
                     _everywhere(True)
-                except IncompatibleCheckpointError:
+                except errs.IncompatibleCheckpointError:
                     raise
                 except Exception as e:  # noqa: BLE001 - every reason is reported below
                     if self.read_only and self._moved_on(steps):
@@ -371,10 +369,10 @@ class Checkpointer:
                        "save; start afresh (a fresh --workdir, a lower optim.peak_lr)"
                        if all("NonFiniteCheckpoint" in t for t in tried) else
                        "move the directory aside (or use a fresh --workdir) to start a new run")
-                raise UnreadableCheckpointError(
+                raise errs.UnreadableCheckpointError(
                     f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(tried)
                     + f"\nThey are kept as they are; {why}.")
-        raise UnreadableCheckpointError(
+        raise errs.UnreadableCheckpointError(
             f"the checkpoints in {self.directory} changed 10 times while being read (a live "
             "trainer saving often, keeping few: train.keep_checkpoints); try again")
 
@@ -410,12 +408,12 @@ class Checkpointer:
             )
         try:
             return self._restore_step(step, abstract_state, data_iter, check)
-        except IncompatibleCheckpointError:
+        except errs.IncompatibleCheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - one line naming the step and the reason
-            raise UnreadableCheckpointError(
+            raise errs.UnreadableCheckpointError(
                 f"checkpoint step {step} ({self.directory / str(step)}) cannot be restored: "
-                f"{describe_failure(e)}") from e
+                f"{errs.describe_failure(e)}") from e
 
     def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
         """Metadata of `step` (None: the newest readable, see `restore`) without touching
@@ -426,17 +424,17 @@ class Checkpointer:
         try:
             return self._read_meta(step)
         except Exception as e:  # noqa: BLE001 - one line naming the step and the reason
-            raise UnreadableCheckpointError(
+            raise errs.UnreadableCheckpointError(
                 f"checkpoint step {step} ({self.directory / str(step)}) has unreadable "
-                f"metadata: {describe_failure(e)}") from e
+                f"metadata: {errs.describe_failure(e)}") from e
 
     def wait(self) -> None:
-        """Block until background saves are on disk (CheckpointSaveError if one failed)."""
+        """Block until background saves are on disk (errs.CheckpointSaveError if one failed)."""
         self._finish_pending()
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves (CheckpointSaveError if one failed) and release the manager."""
+        """Finish pending saves (errs.CheckpointSaveError if one failed) and release the manager."""
         try:
             self._finish_pending()
         finally:

@@ -14,14 +14,26 @@ from kronjax.data.cli import main
 from kronjax.data.corpora import BUILTIN_SOURCES, LOCAL_SUFFIXES, SOURCES_HELP, iter_documents
 from kronjax.data.pipeline import eval_batch_count, eval_batches, train_dataset
 from kronjax.data.prepare import prepare
-from kronjax.data.store import (FORMAT_VERSION, META, PROGRESS, SHARD_TOKENS, SPLITS,
-                                DataError, ShardedTokens, load_meta, load_split, load_tokenizer_for,
-                                shard_name, token_dtype)
+from kronjax.data.store import (
+                                FORMAT_VERSION,
+                                META,
+                                PROGRESS,
+                                SHARD_TOKENS,
+                                SPLITS,
+                                DataError,
+                                ShardedTokens,
+                                load_meta,
+                                load_split,
+                                load_tokenizer_for,
+                                shard_name,
+                                token_dtype,
+)
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = [
-    "BUILTIN_SOURCES", "DataError", "FORMAT_VERSION", "LOCAL_SUFFIXES", "META", "PROGRESS", "SHARD_TOKENS",
-    "SOURCES_HELP", "SPLITS", "ShardedTokens", "Tokenizer", "eval_batch_count", "eval_batches", "iter_documents",
-    "load_meta", "load_split", "load_tokenizer", "load_tokenizer_for", "main", "prepare", "shard_name",
-    "token_dtype", "train_dataset", "train_sentencepiece",
+    "BUILTIN_SOURCES", "DataError", "FORMAT_VERSION", "LOCAL_SUFFIXES", "META", "PROGRESS",
+    "SHARD_TOKENS", "SOURCES_HELP", "SPLITS", "ShardedTokens", "Tokenizer", "eval_batch_count",
+    "eval_batches", "iter_documents", "load_meta", "load_split", "load_tokenizer",
+    "load_tokenizer_for", "main", "prepare", "shard_name", "token_dtype", "train_dataset",
+    "train_sentencepiece",
 ]

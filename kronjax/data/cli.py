@@ -27,7 +27,8 @@ def _count(text: str) -> int:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token count like 2.5e9; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a token count like 2.5e9; got {text!r}") from None
     if value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"expected a whole positive count; got {text!r}")
     return int(value)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         meta = _run(args, parser)
-    except (UserError, FileExistsError, FileNotFoundError, ValueError) as e:  # cannot be done as asked
+    except (UserError, FileExistsError, FileNotFoundError, ValueError) as e:  # cannot be done
         raise SystemExit(f"python -m kronjax.data {args.command}: {e}") from None
     print(json.dumps(meta, indent=2))
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kronjax.data.corpora import BUILTIN_SOURCES, local_files, canonical_source
+from kronjax.data.corpora import BUILTIN_SOURCES, canonical_source, local_files
 from kronjax.data.store import META
 
 __all__ = ["CONTENT", "DEFINING_KEYS", "cache_key", "content_changes", "defining_request",

@@ -108,8 +108,9 @@ def train_dataset(tokens_N: np.ndarray | ShardedTokens, *, seq_len: int, global_
                                                                  prefetch_buffer_size=4))
 
 
-def eval_batches(tokens_N: np.ndarray | ShardedTokens, *, seq_len: int, batch: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> list[Batch]:
+def eval_batches(tokens_N: np.ndarray | ShardedTokens, *, seq_len: int, batch: int,
+                 num_batches: int, process_index: int = 0, process_count: int = 1
+                 ) -> list[Batch]:
     """A fixed evaluation set: batch * num_batches windows evenly spaced across tokens_N."""
     rows = _local_rows(tokens_N, seq_len, batch, process_index, process_count)
     if num_batches < 1:

@@ -32,13 +32,30 @@ from tqdm.auto import tqdm
 from kronjax import storage
 from kronjax.data import remote
 from kronjax.data.corpora import canonical_source, iter_documents
-from kronjax.data.fingerprint import (CONTENT, content_changes, defining_request,
-                                      describe_changes, is_local, source_content)
-from kronjax.data.store import (CACHED_SP, FORMAT_VERSION, META, PROGRESS, SHARD_TOKENS, SPLITS,
-                                DataError, DataMismatchError, load_meta, load_split,
-                                load_tokenizer_for, token_dtype)
+from kronjax.data.fingerprint import (
+    CONTENT,
+    content_changes,
+    defining_request,
+    describe_changes,
+    is_local,
+    source_content,
+)
+from kronjax.data.store import (
+    CACHED_SP,
+    FORMAT_VERSION,
+    META,
+    PROGRESS,
+    SHARD_TOKENS,
+    SPLITS,
+    DataError,
+    DataMismatchError,
+    load_meta,
+    load_split,
+    load_tokenizer_for,
+    token_dtype,
+)
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
-from kronjax.data.writer import chunks, Encoder, ShardWriter
+from kronjax.data.writer import Encoder, ShardWriter, chunks
 from kronjax.files import write_atomic
 
 log = logging.getLogger("kronjax.data")
@@ -188,7 +205,8 @@ def _tokenize_into(docs: Iterable[tuple[str, str]], writers: dict[str, ShardWrit
             last = index
             if split == "train":
                 bar.update(len(ids))
-                if max_tokens is not None and stop_after is None and train.total_tokens >= max_tokens:
+                if (max_tokens is not None and stop_after is None
+                        and train.total_tokens >= max_tokens):
                     stop_after = index
         bar.set_postfix(docs=sum(w.documents for w in writers.values()),
                         shards=sum(len(w.shards) for w in writers.values()), refresh=False)

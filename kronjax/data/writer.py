@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from kronjax.data.store import DataError, shard_name
-from kronjax.errors import os_reason
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer
+from kronjax.errors import os_reason
 from kronjax.files import commit
 
 CHUNK_DOCS, CHUNK_CHARS = 256, 4_000_000  # documents per tokenization task, at most

@@ -35,8 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
-                                  postprocess_generated_text)
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from kronjax import console
 from kronjax import export as package
-from kronjax.export import export
 from kronjax.errors import debug_traceback
+from kronjax.export import export
 from kronjax.export.state import ExportError
 
 

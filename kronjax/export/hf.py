@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from kronjax import interop
+from kronjax.data.tokenizers import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 from kronjax.export.state import ExportError, RunInfo, gpt2_state, kron_projection, write_dir
 from kronjax.layers import INIT_STD, LN_EPS
 from kronjax.run import Loaded
-from kronjax.data.tokenizers import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 KRON_FILE = "kronecker_embedding.safetensors"
 CHECK_TEXTS = ("Hello, world! The quick brown fox jumps over the lazy dog.",

@@ -29,8 +29,14 @@ from typing import Any
 import numpy as np
 
 from kronjax import interop
-from kronjax.export.state import (LINEARS, ExportError, RunInfo, gpt2_state, kron_projection,
-                            write_file)
+from kronjax.export.state import (
+    LINEARS,
+    ExportError,
+    RunInfo,
+    gpt2_state,
+    kron_projection,
+    write_file,
+)
 from kronjax.run import Loaded
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 COMMANDS = ("robustness", "generation", "geometry")
 

@@ -19,17 +19,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kronjax.embed import ByteOverride
+from kronjax.generate import OOV_MARK, encode_prompt
 from kronjax.model import GPT
 from kronjax.probes import common
-from kronjax.generate import OOV_MARK, encode_prompt
 from kronjax.run import Loaded
 from kronjax.vocab import encode_bytes, truncate
 

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from kronjax import codec
-from kronjax.probes import common
 from kronjax.data.tokenizers import Tokenizer, load_tokenizer
+from kronjax.probes import common
 from kronjax.vocab import encode_bytes
 
 DEFAULT_WORDS = common.DATA_DIR / "geometry_words.jsonl"
@@ -271,7 +272,8 @@ def _ints(text: str, what: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be comma-separated integers; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"{what} must be comma-separated integers; got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
