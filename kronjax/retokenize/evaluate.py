@@ -65,10 +65,16 @@ def nats_per_position(model: GPT, params: Any, inputs: np.ndarray, targets: np.n
     return np.concatenate(out)
 
 
-def held_out_bpb(run: Loaded, split: str = "val", batch: int | None = None) -> dict[str, float]:
-    """{bpb, nats, bytes, tokens} of `run` over its whole prepared `split`."""
+def held_out_bpb(run: Loaded, split: str = "val", batch: int | None = None,
+                 max_bytes: int | None = None) -> dict[str, float]:
+    """{bpb, nats, bytes, tokens} of `run` over its whole prepared `split`, or over its
+    first max_bytes of text (to the token that reaches it: about the same text under any
+    tokenizer, and the bytes counted exactly)."""
     ddir = data_cache.data_dir_for(run.cfg)
     tokens = np.asarray(data_lib.load_split(ddir, split, vocab_size=run.tokenizer.vocab_size))
+    if max_bytes is not None:
+        reach = np.cumsum(byte_lengths(run.tokenizer)[tokens])
+        tokens = tokens[:int(np.searchsorted(reach, max_bytes)) + 1]
     block = run.model.config.block_size
     inputs, targets = split_windows(tokens, block)
     mask = target_mask(len(tokens), block, len(inputs))

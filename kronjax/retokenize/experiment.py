@@ -21,6 +21,7 @@ import logging
 import re
 import shutil
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ from kronjax.run import load_run
 log = logging.getLogger("kronjax.retokenize")
 SCENARIOS = ("self", "extend", "to16k", "pydoc", "self16k", "to4k")
 ON_16K = ("self16k", "to4k")
+EVAL_BYTES = 100_000  # of the held-out split's ~265 kB: a CPU-sized evaluation, same text
 WORD = re.compile(r" ?[A-Za-z][a-z']+")
 
 
@@ -67,7 +69,7 @@ def finished(workdir: Path) -> bool:
         workdir, int(run_config(workdir).train.steps))
 
 
-def tokenizers(out: Path, src4k: Path, src16k: Path, n_extend: int) -> dict[str, str]:
+def tokenizers(out: Path, src4k: Path, runs16k: Path, n_extend: int) -> dict[str, str]:
     """SPEC per scenario, making the extension list and the pydoc BPE once (the 16k runs'
     tokenizer: once their data are prepared)."""
     from kronjax.data import load_tokenizer_for
@@ -89,8 +91,9 @@ def tokenizers(out: Path, src4k: Path, src16k: Path, n_extend: int) -> dict[str,
         train_sentencepiece((topics[k] for k in sorted(topics)), 4096, tdir / "pydoc4096")
     specs = {"self": str(d4 / "tokenizer.model"), "extend": f"extend:{words}",
              "pydoc": str(pydoc)}
-    if (src16k / "config.json").exists():
-        d16 = data_dir_for(run_config(src16k))
+    made16 = sorted(runs16k.glob("*/config.json"))  # any 16k run that has started
+    if made16:
+        d16 = data_dir_for(run_config(made16[0].parent))
         if (d16 / "meta.json").exists():
             specs.update(to16k=str(d16 / "tokenizer.model"),
                          self16k=str(d16 / "tokenizer.model"), to4k=str(d4 / "tokenizer.model"))
@@ -117,8 +120,8 @@ def zero_shot_item(out: Path, scenario: str, spec: str, src: Path, init: str,
         shutil.rmtree(w2)
     built = build.retokenize(src.resolve(), spec, w2, init=init, evaluate_bpb=False)
     if str(src) not in source_bpb:
-        source_bpb[str(src)] = evaluate.held_out_bpb(load_run(src))["bpb"]
-    zero = evaluate.held_out_bpb(load_run(w2))
+        source_bpb[str(src)] = evaluate.held_out_bpb(load_run(src), max_bytes=EVAL_BYTES)["bpb"]
+    zero = evaluate.held_out_bpb(load_run(w2), max_bytes=EVAL_BYTES)
     return {**built.record, "scenario": scenario, "run": src.name, "w2": str(w2),
             "val_bpb_source": source_bpb[str(src)], "val_bpb_zero_shot": zero["bpb"],
             "val_tokens_new": zero["tokens"], "val_bytes": zero["bytes"]}
@@ -129,7 +132,7 @@ def finetune_item(record: dict[str, Any], steps: int) -> dict[str, Any]:
     w2 = Path(record["w2"])
     finetune(w2, steps)
     return {**record, "finetune_steps": steps,
-            "val_bpb_finetuned": evaluate.held_out_bpb(load_run(w2))["bpb"]}
+            "val_bpb_finetuned": evaluate.held_out_bpb(load_run(w2), max_bytes=EVAL_BYTES)["bpb"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = args.out / "results.jsonl"
     done = report.read_results(results)
     if not args.report_only:
-        specs = tokenizers(args.out, args.runs4k / f"{arms[0]}_s{seeds[0]}",
-                           args.runs16k / f"{arms16[0]}_s{seeds[0]}", args.extend)
+        specs = tokenizers(args.out, args.runs4k / f"{arms[0]}_s{seeds[0]}", args.runs16k,
+                           args.extend)
         cache_path = args.out / "source_bpb.json"
         source_bpb = json.loads(cache_path.read_text()) if cache_path.exists() else {}
         for seed in seeds:  # seed-major: a stopped experiment has whole seeds of every arm
@@ -176,12 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         continue
                     if rec is not None and (not args.finetune or "val_bpb_finetuned" in rec):
                         continue
+                    began = time.perf_counter()
                     if rec is None:
                         rec = zero_shot_item(args.out, scenario, specs[scenario], src,
                                              args.init, source_bpb)
                         cache_path.write_text(json.dumps(source_bpb, indent=1))
                     if args.finetune:
                         rec = finetune_item(rec, args.finetune)
+                    rec = {**rec, "seconds": rec.get("seconds", 0) + time.perf_counter() - began}
                     with results.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                     done[(scenario, src.name)] = rec
