@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
     arms16 = (args.arms16k or args.arms).split(",")
     scenarios = args.scenarios.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     done = report.read_results(results)
     if not args.report_only:
