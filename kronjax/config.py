@@ -51,7 +51,10 @@ def load_module(path: str | Path) -> ModuleType:
 
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
-    """Import a config file and call its get_config()."""
+    """Import a config file and call its get_config(); a run's recorded config.json (a
+    .json file) is read as it is, so a run another tool wrote (kronjax.retokenize) trains on."""
+    if str(path).endswith(".json"):
+        return _json_config(Path(path))
     module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config() function")
@@ -59,6 +62,18 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     return cfg
+
+
+def _json_config(path: Path) -> ml_collections.ConfigDict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not a JSON config ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object (a run's config.json)")
+    return ml_collections.ConfigDict(data)
 
 
 def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
