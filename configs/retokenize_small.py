@@ -12,7 +12,7 @@ Expect:  about a minute a run on 2 idle CPU cores; val loss near 4.9 nats for kr
 
 import ml_collections
 
-from kronjax.config import load_config_file, REPO_CONFIGS
+from kronjax.config import REPO_CONFIGS, load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:

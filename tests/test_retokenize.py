@@ -13,11 +13,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-
 import tiny_runs
+
 from kronjax.data import load_split
 from kronjax.data.cache import data_dir_for
 from kronjax.data.tokenizers import TiktokenTokenizer

@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from kronjax import run as run_lib
-from kronjax.data import load_meta
 from kronjax.data import cache as data_cache
+from kronjax.data import load_meta
 from kronjax.data.tokenizers import Tokenizer
 from kronjax.errors import UserError
 from kronjax.files import write_atomic

@@ -9,8 +9,9 @@ tokenizer), so the fine-tune's own gain is not credited to the new tokenizer.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from kronjax import stats
 
@@ -72,12 +73,14 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
     lines = []
     for scenario, arms in summary.items():
         lines += [f"### {scenario}", "",
-                  "| arm | seeds | new vocab (new ids) | source bpb | zero-shot bpb | zero-shot − source "
-                  "(95% CI) | fine-tuned bpb | fine-tuned − control (95% CI) |",
+                  "| arm | seeds | new vocab (new ids) | source bpb | zero-shot bpb "
+                  "| zero-shot − source (95% CI) | fine-tuned bpb "
+                  "| fine-tuned − control (95% CI) |",
                   "|---|---|---|---|---|---|---|---|"]
         for arm, row in arms.items():
             lines.append(
-                f"| {arm} | {len(row['seeds'])} | {row['vocab_new']} ({row['new_tokens']}) | {_pm(row['source'])} | "
+                f"| {arm} | {len(row['seeds'])} | {row['vocab_new']} ({row['new_tokens']}) "
+                f"| {_pm(row['source'])} | "
                 f"{_pm(row['zero_shot'])} | {_gap(row['zero_shot_minus_source'])} | "
                 f"{_pm(row.get('finetuned', {}))} | {_gap(row.get('finetuned_minus_control'))} |")
         lines.append("")

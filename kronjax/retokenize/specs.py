@@ -23,8 +23,12 @@ from typing import Any
 
 from kronjax.data.corpora import iter_documents
 from kronjax.data.prepare import assign_splits
-from kronjax.data.tokenizers import (SentencePieceTokenizer, Tokenizer, load_tokenizer,
-                                     train_sentencepiece)
+from kronjax.data.tokenizers import (
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 from kronjax.errors import UserError
 
 SPEC_HELP = ("a sentencepiece .model path (or sentencepiece:PATH), a tiktoken encoding "
