@@ -17,8 +17,9 @@ import ml_collections
 
 from kronjax import config as config_lib
 
-__all__ = ["ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "detect_cluster",
-           "distributed_from_config", "initialize_distributed"]
+__all__ = ["CPU_SCHEDULER_FLAG", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
+           "detect_cluster", "distributed_from_config", "initialize_distributed",
+           "safe_cpu_collectives"]
 
 log = logging.getLogger("kronjax.cluster")
 
@@ -26,8 +27,23 @@ log = logging.getLogger("kronjax.cluster")
 ENV_COORDINATOR = "KRONJAX_COORDINATOR"
 ENV_NUM_PROCESSES = "KRONJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "KRONJAX_PROCESS_ID"
+# XLA:CPU's concurrency-optimised scheduler can start two independent collectives of one step in
+# different orders on different (simulated) CPU devices, which then wait for each other for ever
+# (jaxlib 0.10.2: one 2x2x2 step in about five). Only XLA:CPU reads it; TPU and GPU ignore it.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                "SLURM_LOCALID")
+
+
+def safe_cpu_collectives(environ: dict[str, str] | None = None) -> bool:
+    """Turn the scheduler above off in XLA_FLAGS unless the user chose; call before any JAX
+    backend starts (XLA reads the variable then). True when it was added."""
+    env = os.environ if environ is None else environ
+    flags = env.get("XLA_FLAGS", "")
+    if CPU_SCHEDULER_FLAG in flags:
+        return False
+    env["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}=false".strip()
+    return True
 
 
 def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:

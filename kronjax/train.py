@@ -27,8 +27,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from kronjax import cluster, console, storage
 from kronjax import config as config_lib
-from kronjax import console, storage
 from kronjax.errors import UserError, exit_line
 from kronjax.loop import train
 
@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.topology or args.vocab_size) and not args.dry_run:
         parser.error("--topology and --vocab_size apply to --dry_run only")
     console.setup_logging("warning" if args.quiet else args.log_level)
+    cluster.safe_cpu_collectives()  # before any backend starts
     try:
         cfg = config_lib.build_config(args.config, overrides)
     except config_lib.ConfigError as e:

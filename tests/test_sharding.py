@@ -97,6 +97,20 @@ def test_detect_cluster_from_environment() -> None:
         cluster.initialize_distributed("yes")
 
 
+def test_cpu_collective_scheduler_flag_is_added_once_and_a_user_choice_kept() -> None:
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    assert cluster.safe_cpu_collectives(env) is True
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
+                                        f"{cluster.CPU_SCHEDULER_FLAG}=false"]
+    assert cluster.safe_cpu_collectives(env) is False and env["XLA_FLAGS"].count("sched") == 1
+    mine = {"XLA_FLAGS": f"{cluster.CPU_SCHEDULER_FLAG}=true"}
+    assert cluster.safe_cpu_collectives(mine) is False
+    assert mine["XLA_FLAGS"] == f"{cluster.CPU_SCHEDULER_FLAG}=true"
+    empty: dict[str, str] = {}
+    assert cluster.safe_cpu_collectives(empty) and empty["XLA_FLAGS"] == (
+        f"{cluster.CPU_SCHEDULER_FLAG}=false")
+
+
 def test_fit_spec_keeps_what_divides() -> None:
     from jax.sharding import AbstractMesh
 
