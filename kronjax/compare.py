@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "runs": status}, refs, variants)
     except (ValueError, FileNotFoundError) as e:
         print(f"python -m kronjax.compare: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, storage.StorageError) else 1
+        return 2  # bad input: a setting, an arm, a run made with another config
     print(summary["markdown"])
     return 0
 

@@ -178,5 +178,5 @@ def test_resume_then_skip(tmp_path_factory: pytest.TempPathFactory,
     summary = json.loads((runs.out / "summary.json").read_text())
     assert set(summary["runs"].values()) == {"skipped (finished)"}
     assert not math.isnan(summary["arms"]["kron"]["val_bpb"]["mean"])
-    assert compare.main(args + ["--config.train.steps=11"]) == 1
+    assert compare.main(args + ["--config.train.steps=11"]) == 2
     assert "different config" in capsys.readouterr().err

@@ -198,7 +198,7 @@ def test_probe_cli(runs: tiny_runs.TinyRuns, tmp_path: Path,
     assert probe.main(["robustness", "--workdirs", str(runs.kron), "--pairs", str(pf)]) == 0
     assert "### Per category" in capsys.readouterr().out
     assert probe.main(["nonsense"]) == 2
-    assert probe.main(["robustness", "--workdirs", str(tmp_path / "nope")]) == 1
+    assert probe.main(["robustness", "--workdirs", str(tmp_path / "nope")]) == 2
     assert "config.json" in capsys.readouterr().err
 
 

@@ -161,7 +161,7 @@ def test_report_with_a_variant_and_the_gap_curve(tmp_path: Path,
     assert (out / "gap_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     alone = compare.report(out, ["kron_1l"], [0, 1], base, variants=v)  # no pair, no gap plot
     assert alone["gap_curves"] == [] and "gap_curve.png" not in alone["plots"]
-    assert compare.main(args[:3] + ["bpe_tied,kron_2l"] + args[4:]) == 1
+    assert compare.main(args[:3] + ["bpe_tied,kron_2l"] + args[4:]) == 2
     assert "kron_1l" in capsys.readouterr().err  # names the valid variants
 
 

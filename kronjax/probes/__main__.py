@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _entry(command)(rest)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"python -m kronjax.probes {command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as every kronjax command line says it
 
 
 if __name__ == "__main__":
