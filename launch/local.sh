@@ -46,9 +46,7 @@ for ((i = 0; i < n; i++)); do
   (
     export KRONJAX_COORDINATOR="127.0.0.1:${port}" KRONJAX_NUM_PROCESSES="$n" KRONJAX_PROCESS_ID="$i"
     if [[ -n "$devices" ]]; then
-      # The concurrency-optimised scheduler can start two independent collectives in different
-      # orders on simulated devices, a deadlock (jaxlib 0.10); the plain scheduler cannot.
-      export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices} --xla_cpu_enable_concurrency_optimized_scheduler=false"
+      export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
       export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
     fi
     exec "$@"

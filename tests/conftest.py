@@ -22,17 +22,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # XLA:CPU's backend at -O0, without LLVM's expensive passes: compiles take about 40% less
     # CPU time and the tests compare numbers, not speed (the benchmarks set their own flags).
     # Every process of the run gets the same flags, so runs compared bit for bit agree.
-    # And XLA:CPU's concurrency-optimised scheduler off: with it, two independent collectives of
-    # one program (a collective-permute over 8 devices, an all-gather over pairs) can start in
-    # different orders on different simulated devices and deadlock (seen in about one 2x2x2 step
-    # in five on jaxlib 0.10.2; none in 75 steps without it).
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_backend_optimization_level" not in flags:
-        flags += (" --xla_backend_optimization_level=0"
-                  " --xla_llvm_disable_expensive_passes=true")
-    if "--xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
-        flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    os.environ["XLA_FLAGS"] = flags.strip()
+        os.environ["XLA_FLAGS"] = (f"{flags} --xla_backend_optimization_level=0"
+                                   " --xla_llvm_disable_expensive_passes=true").strip()
     chosen = os.environ.get("KRONJAX_TEST_COMPILE_CACHE", "")
     if chosen.lower() in ("off", "none"):
         os.environ["KRONJAX_COMPILE_CACHE"] = "off"
@@ -42,6 +35,12 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["KRONJAX_COMPILE_CACHE"] = cache
         os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # The simulated-device deadlock guard kronjax.train applies, for every process of the run
+    # (the 8-device workers are scripts, not the trainer). After the JAX_* variables: this
+    # imports jax.
+    from kronjax import cluster
+
+    cluster.safe_cpu_collectives()
     if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
         from hypothesis.configuration import set_hypothesis_home_dir
 
