@@ -74,8 +74,12 @@ def _losses(workdir: Path) -> list[float]:
 
 
 def test_a_run_fills_the_cache_and_a_second_process_compiles_from_it(
-        tiny_data: Path, tmp_path: Path) -> None:
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kronjax.loop import train
+
+    # The suite's fast-compiling XLA flags bring this 1-layer eval step under the 0.2 s a
+    # program must take to be written: write every program, so the second process can hit.
+    monkeypatch.setattr(cc, "MIN_COMPILE_S_LOCAL", 0.0)
 
     xla = tmp_path / "xla"
     overrides = {"data.dir": tiny_data, "train.steps": 3, "optim.warmup_steps": 1,
