@@ -103,8 +103,9 @@ TOK_VOCAB = 512
 
 
 def _byte_model(data_dir: Path, arm: str) -> tuple[Any, GPT]:
-    """The tiny config for `arm` with a 512-id byte vocabulary (no tokenizer needed)."""
-    cfg = tiny_cfg(data_dir, **{"model.arm": arm})
+    """The tiny config for `arm`, one block (what these tests compare is per block), with a
+    512-id byte vocabulary (no tokenizer needed)."""
+    cfg = tiny_cfg(data_dir, **{"model.arm": arm, "model.n_layer": 1})
     mcfg = run_lib.model_config(cfg, TOK_VOCAB)
     vocab = ByteVocab.from_bytes([bytes([i % 256]) * (1 + i % 5) for i in range(TOK_VOCAB)],
                                  mcfg.pos_dim).pad_to(mcfg.vocab_size)
