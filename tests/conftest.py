@@ -24,11 +24,18 @@ def pytest_configure(config: pytest.Config) -> None:
     # the emitters another 25% (tests/test_train.py, test_model.py and test_embed.py: 110 s
     # -> 82 s on 2 cores). The tests compare numbers, not speed (the benchmarks set their own
     # flags). Every process of the run gets the same flags, so runs compared bit for bit agree.
+    # And a collective whose threads are starved on a loaded 2-core machine waits instead of
+    # aborting the process (XLA:CPU gives up after 40 s by default): the multi-device and
+    # multi-process tests. This hook owns every XLA flag of the run; a test adds only its
+    # device count.
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = (f"{flags} --xla_backend_optimization_level=0"
-                                   " --xla_llvm_disable_expensive_passes=true"
-                                   " --xla_cpu_use_fusion_emitters=false").strip()
+        flags += (" --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+                  " --xla_cpu_use_fusion_emitters=false")
+    if "--xla_cpu_collective_timeout_seconds" not in flags:
+        flags += (" --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                  " --xla_cpu_collective_timeout_seconds=600")
+    os.environ["XLA_FLAGS"] = flags.strip()
     chosen = os.environ.get("KRONJAX_TEST_COMPILE_CACHE", "")
     if chosen.lower() in ("off", "none"):
         os.environ["KRONJAX_COMPILE_CACHE"] = "off"

@@ -31,17 +31,11 @@ MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 EXTRA_ARMS = {(2, 2, 2): ("bpe_tied", "kron_tied")}
 
 
-# Cheaper XLA CPU compiles (about 2x): these tests compare numbers, not speed.
-# and a collective whose threads are starved on a loaded 2-core machine waits instead of
-# aborting the process (XLA:CPU gives up after 40 s by default)
-FAST_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-            " --xla_cpu_collective_call_terminate_timeout_seconds=600"
-            " --xla_cpu_collective_timeout_seconds=600")
-
-
 def _env(n_devices: int) -> dict[str, str]:
+    """The test run's XLA flags (tests/conftest.py: cheap compiles, patient collectives) and
+    n_devices simulated CPU devices."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" {FAST_XLA}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={n_devices}").strip()
     env["JAX_PLATFORMS"] = "cpu"
     return env
