@@ -34,8 +34,9 @@ from kronjax.emulator import Emulator  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
 NETGUARD = Path(__file__).resolve().parent / "netguard"
-STEPS = 40  # saves at 10 and 20 before the kill at 25; the rerun saves 30 and 40
-RUN = {"train.steps": STEPS, "train.checkpoint_every": 10, "train.eval_every": 30,
+STEPS, SAVE_EVERY = 40, 10  # saves at 10 and 20 before the kill at 25; the rerun 30 and 40
+KEPT = [str(STEPS - SAVE_EVERY), str(STEPS)]  # what keep_checkpoints=2 leaves at the end
+RUN = {"train.steps": STEPS, "train.checkpoint_every": SAVE_EVERY, "train.eval_every": 30,
        "train.log_every": 1, "train.keep_checkpoints": 2}
 
 
@@ -158,7 +159,7 @@ def test_killed_run_resumes_from_the_bucket_with_the_local_losses(
                                                      "config_history.jsonl", "metrics.jsonl",
                                                      "tb"]  # the lock was released
     assert any(p.name.startswith("events.out.tfevents") for p in (wd / "tb").iterdir())
-    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["30", "40"]
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == KEPT
     # No folder named gs: anywhere a relative path could have made one.
     for root in (killed_and_resumed["cwd"], REPO, Path.cwd()):
         assert not (root / "gs:").exists()
@@ -190,16 +191,16 @@ def test_a_flipped_byte_in_the_newest_checkpoint_falls_back(
     for obj in fs.ls(src, detail=True):
         if obj["type"] == "file":
             fs.copy(obj["name"], dst + obj["name"].removeprefix(src))
-    for step in ("30", "40"):
+    for step in KEPT:
         fs.copy(f"{src}/checkpoints/{step}", f"{dst}/checkpoints/{step}", recursive=True)
-    data = [p for p in fs.find(copy.removeprefix("gs://") + "/checkpoints/40/state")
+    data = [p for p in fs.find(copy.removeprefix("gs://") + f"/checkpoints/{STEPS}/state")
             if "/d/" in p]
     assert data, "no array data objects found"
     blob = bytearray(fs.cat_file(data[0]))
     blob[len(blob) // 2] ^= 0x01
     fs.pipe_file(data[0], bytes(blob))
-    assert load_run(copy).step == 30
-    assert load_run(url).step == 40
+    assert load_run(copy).step == STEPS - SAVE_EVERY
+    assert load_run(url).step == STEPS
 
 
 def test_a_second_trainer_on_the_bucket_workdir_is_refused(bucket: Bucket, tiny_data: Path
